@@ -1,0 +1,92 @@
+"""The chunked path (eq 16-18) against the per-token loop with the same mini-batch rule."""
+
+import pytest
+import torch
+
+from titans_mini import NeuralMemory
+from titans_mini.chunked import chunked_memory, memory_activations, token_deltas, transfer_matrix
+from titans_mini.memory import associative_loss, per_token_memory
+
+
+def random_inputs(depth, steps, seed=0, dim=6, hidden=10, batch=2):
+    gen = torch.Generator().manual_seed(seed)
+    widths = [dim] + [hidden] * (depth - 1) + [dim]
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    weights = tuple(rand(batch, a, b) / a**0.5 for a, b in zip(widths[:-1], widths[1:]))
+    momentum = tuple(0.1 * rand(*w.shape) for w in weights)
+    q, k, v = (rand(batch, steps, dim) for _ in range(3))
+    gates = [torch.rand(batch, steps, generator=gen, dtype=torch.float64) for _ in range(3)]
+    gates[0] = 0.3 * gates[0]  # theta
+    return weights, momentum, q, k, v, *gates
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("steps", [1, 7, 16, 21])
+def test_chunked_equals_per_token_loop_with_the_same_rule(depth, chunk_size, steps):
+    inputs = random_inputs(depth, steps, seed=depth * 100 + chunk_size)
+    y_ref, w_ref, s_ref = per_token_memory(*inputs, chunk_size=chunk_size)
+    y, w, s = chunked_memory(*inputs, chunk_size=chunk_size)
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(w + s, w_ref + s_ref):
+        torch.testing.assert_close(got, want)
+
+
+def test_chunk_size_one_is_the_per_token_recurrence():
+    memory = NeuralMemory(8, depth=2, chunk_size=1, expansion=2).double()
+    x = torch.randn(2, 11, 8, dtype=torch.float64)
+    y_loop, s_loop = memory(x, path="per_token")
+    y_chunk, s_chunk = memory(x, path="chunked")
+    torch.testing.assert_close(y_chunk, y_loop)
+    torch.testing.assert_close(s_chunk.weights[1], s_loop.weights[1])
+
+
+def test_larger_chunks_are_a_different_algorithm():
+    """Eq 16's '=' is loose: gradients at the chunk start differ from per-token ones."""
+    inputs = random_inputs(2, 16, seed=5)
+    y1, *_ = chunked_memory(*inputs, chunk_size=1)
+    y8, *_ = chunked_memory(*inputs, chunk_size=8)
+    assert not torch.allclose(y1, y8, atol=1e-6)
+    torch.testing.assert_close(y1[:, 0], y8[:, 0])  # the first token reads the same memory
+
+
+def test_token_deltas_give_the_autograd_gradient_of_any_weighted_loss():
+    """sum_j c_j a_j^T delta_j is the gradient of sum_j c_j l_j: the weighted-gradient trick."""
+    weights, _, _, k, v, coef, *_ = random_inputs(3, 9)
+    inputs, pre, out = memory_activations(weights, k)
+    deltas = token_deltas(weights, pre, out, v)
+    trick = [a.mT @ (coef[..., None] * d) for a, d in zip(inputs, deltas)]
+    for b in range(k.shape[0]):
+        single = tuple(w[b].clone().requires_grad_() for w in weights)
+        loss = sum(coef[b, j] * associative_loss(single, k[b, j], v[b, j]) for j in range(k.shape[1]))
+        for got, want in zip(trick, torch.autograd.grad(loss, single)):
+            torch.testing.assert_close(got[b], want)
+
+
+def test_transfer_matrix_holds_segment_products():
+    decay = torch.tensor([[0.5, 0.2, 0.9]], dtype=torch.float64)
+    p = transfer_matrix(decay)[0]
+    # row t = 1..3, column i = 0..3: prod_{m=i+1..t} decay_m
+    expected = torch.tensor(
+        [[0.5, 1.0, 0.0, 0.0], [0.1, 0.2, 1.0, 0.0], [0.09, 0.18, 0.9, 1.0]], dtype=torch.float64
+    )
+    torch.testing.assert_close(p, expected)
+
+
+def test_long_chunks_do_not_underflow():
+    """Products of many small gates stay exact zeros or small numbers, never NaN."""
+    decay = torch.full((1, 256), 0.05)
+    p = transfer_matrix(decay)
+    assert torch.isfinite(p).all()
+    assert p[0, -1, -1] == 1 and p[0, -1, -2] == pytest.approx(0.05)
+
+
+def test_lengths_that_are_not_multiples_of_the_chunk_work():
+    memory = NeuralMemory(8, depth=2, chunk_size=8).double()
+    x = torch.randn(3, 13, 8, dtype=torch.float64)
+    y_chunk, state = memory(x)
+    y_loop, _ = memory(x, path="per_token")
+    assert y_chunk.shape == (3, 13, 8) and state.pending == 5
+    torch.testing.assert_close(y_chunk, y_loop)
+    short, state = memory(x[:, :3])  # shorter than one chunk: still read and kept
+    assert state.pending == 3 and torch.isfinite(short).all()

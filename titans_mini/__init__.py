@@ -1,0 +1,15 @@
+"""titans-mini: the Titans architecture (arXiv 2501.00663) and GRPO, built to be read.
+
+Modules, one idea each:
+    memory         the neural memory as a learner: eq 8-15, token by token
+    scan           first-order linear recurrences as a parallel associative scan (eq 18)
+    chunked        the parallel chunked update: mini-batch gradient descent (eq 16-18)
+    neural_memory  NeuralMemory, the memory as a layer (section 3.1, 4.4)
+    device         pick_device, seed_everything
+"""
+
+from .memory import MemoryState, memory_forward, per_token_memory, surprise
+from .neural_memory import NeuralMemory
+
+__version__ = "0.1.0"
+__all__ = ["MemoryState", "NeuralMemory", "memory_forward", "per_token_memory", "surprise"]

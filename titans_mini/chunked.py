@@ -1,0 +1,167 @@
+"""The parallel chunked memory update: Titans section 3.2, eq 16-18.
+
+Split the sequence into chunks of b tokens and take every gradient of a chunk at the
+weights of its start, M_0 (mini-batch gradient descent; for b > 1 this is a different
+algorithm from the per-token recurrence, whatever eq 16's "=" suggests). Then inside a
+chunk, with token-local indices t = 1..b, unrolling eq 10 and eq 13 gives
+
+    S_t = E_t0 S_0 - sum_{j<=t} E_tj theta_j u_j,      E_tj = prod_{m=j+1..t} eta_m
+    M_t = D_t0 M_0 + sum_{i<=t} D_ti S_i,               D_ti = prod_{m=i+1..t} (1 - alpha_m)
+        = D_t0 M_0 + F_t0 S_0 - sum_{j<=t} F_tj theta_j u_j,    F = D E   (eq 16)
+
+D_t0 is eq 16's beta_t. D and E are "transfer matrices" of the linear recurrence
+h_t = a_t h_{t-1} + e_t (eq 18): we get them from `titans_mini.scan` run on one-hot
+inputs, which is exact and never divides one cumulative product by another (such a
+division underflows on long chunks).
+
+Two facts make the chunk cheap.
+1. Each u_j is a sum of rank-one matrices, one per layer: for h = a W the gradient is
+   a^T delta with delta = dl/dh. So a chunk's whole update is A^T diag(c) Delta, one
+   matmul per layer: the gradient of the weighted loss sum_j c_j l_j at M_0. No per-token
+   gradient is ever stored, and memory grows with the chunk, not the sequence.
+2. Reading token t's own weights M_t (eq 15, causal: M_t holds tokens <= t only) needs
+   no copy of them either: for any input x of layer l,
+       x M_t = D_t0 (x W_0) + F_t0 (x S_0) - sum_{j<=t} F_tj theta_j (x . a_j) delta_j,
+   a causal linear-attention product (eq 17 for the linear memory, and layer by layer
+   for a deep one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .memory import Weights
+from .scan import linear_scan
+
+
+def memory_activations(weights: Weights, x: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Forward through the memory MLP keeping each layer's input a and pre-activation h."""
+    inputs, pre = [], []
+    for i, w in enumerate(weights):
+        inputs.append(x)
+        x = x @ w
+        pre.append(x)
+        if i < len(weights) - 1:
+            x = F.silu(x)
+    return inputs, pre, x
+
+
+def silu_derivative(h: Tensor) -> Tensor:
+    s = torch.sigmoid(h)
+    return s * (1 + h * (1 - s))
+
+
+def token_deltas(weights: Weights, pre: list[Tensor], out: Tensor, v: Tensor) -> list[Tensor]:
+    """delta_t^l = d l_t / d h_t^l for every token and layer, l_t = ||M(k_t) - v_t||^2.
+
+    Backpropagation written out, because the chunk needs these per-token factors rather
+    than summed weight gradients (`torch.func` would hand back one full gradient per token,
+    the very tensors we avoid). Tested against autograd.
+    """
+    delta = 2 * (out - v)
+    deltas = [delta]
+    for layer in range(len(weights) - 1, 0, -1):
+        delta = (delta @ weights[layer].mT) * silu_derivative(pre[layer - 1])
+        deltas.append(delta)
+    return deltas[::-1]
+
+
+def transfer_matrix(decay: Tensor) -> Tensor:
+    """P[..., t, i] = prod_{m=i+1..t} decay_m for i <= t, else 0; t = 1..b, i = 0..b.
+
+    decay: (..., b). Returns (..., b, b + 1). It is the scan of h_t = decay_t h_{t-1} + e_t
+    from h_0 = e_0, with e_i the one-hot vectors: h_t[i] is the weight of step i in step t.
+    """
+    steps = decay.shape[-1]
+    eye = torch.eye(steps + 1, dtype=decay.dtype, device=decay.device)
+    inputs = eye[1:].expand(*decay.shape, steps + 1)
+    start = eye[0].expand(*decay.shape[:-1], steps + 1)
+    return linear_scan(decay, inputs, start)
+
+
+def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> dict[str, Tensor]:
+    """Every scalar weight of a chunk's update, for all chunks at once. Gates: (B, n, b).
+
+    read_*: the coefficients of M_0, S_0 and u_j in M_t for each token t (shapes (B, n, b)
+    and (B, n, b, b), lower-triangular in (t, j)); end_* and momentum_*: the same for M
+    and S at the end of the chunk.
+    """
+    decay, carry = transfer_matrix(1 - alpha), transfer_matrix(eta)  # D, E
+    mixed = decay[..., 1:] @ carry  # F = D E
+    read_u = -mixed[..., 1:] * theta.unsqueeze(-2)
+    return {
+        "read_weights": decay[..., 0],
+        "read_momentum": mixed[..., 0],
+        "read_u": read_u,
+        "end_weights": decay[..., -1, 0],
+        "end_momentum": mixed[..., -1, 0],
+        "end_u": read_u[..., -1, :],
+        "momentum_momentum": carry[..., -1, 0],
+        "momentum_u": -carry[..., -1, 1:] * theta,
+    }
+
+
+def chunked_memory(
+    weights: Weights,
+    momentum: Weights,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    *,
+    chunk_size: int,
+) -> tuple[Tensor, Weights, Weights]:
+    """Same arguments and results as `titans_mini.memory.per_token_memory`, in parallel.
+
+    Token t reads its own weights M_t (eq 15), built by the mini-batch rule from the
+    chunk-start weights and tokens <= t of its chunk only: it never sees a later token.
+    A last, incomplete chunk is read but not written; its start weights are returned.
+    """
+    batch, steps, _ = k.shape
+    size = chunk_size
+    n_chunks = -(-steps // size)
+    pad = n_chunks * size - steps
+    tokens = [F.pad(t, (0, 0, 0, pad)) for t in (q, k, v)]
+    q, k, v = (rearrange(t, "b (n c) d -> b n c d", c=size) for t in tokens)
+    gates = [rearrange(F.pad(g, (0, pad)), "b (n c) -> b n c", c=size) for g in (theta, eta, alpha)]
+    coef = chunk_coefficients(*gates)
+
+    def scalar(name: str, c: int) -> Tensor:  # (B,) or (B, b) made to broadcast
+        return coef[name][:, c].reshape(batch, -1, 1)
+
+    ys = []
+    for c in range(n_chunks):
+        inputs, pre, out = memory_activations(weights, k[:, c])
+        deltas = token_deltas(weights, pre, out, v[:, c])
+
+        # read: y_t = M_t(q_t), layer by layer, as a causal linear-attention product
+        x = q[:, c]
+        for layer, (w, s) in enumerate(zip(weights, momentum)):
+            scores = (x @ inputs[layer].mT) * coef["read_u"][:, c]
+            x = scalar("read_weights", c) * (x @ w) + scalar("read_momentum", c) * (x @ s) + scores @ deltas[layer]
+            if layer < len(weights) - 1:
+                x = F.silu(x)
+        ys.append(x)
+
+        if c == n_chunks - 1 and pad:
+            break  # incomplete chunk: its tokens wait in the state
+        # write: the chunk's update as weighted sums of rank-one gradients (eq 16-18)
+        weights, momentum = (
+            tuple(
+                scalar("end_weights", c) * w
+                + scalar("end_momentum", c) * s
+                + a.mT @ (scalar("end_u", c) * d)
+                for w, s, a, d in zip(weights, momentum, inputs, deltas)
+            ),
+            tuple(
+                scalar("momentum_momentum", c) * s + a.mT @ (scalar("momentum_u", c) * d)
+                for s, a, d in zip(momentum, inputs, deltas)
+            ),
+        )
+    y = rearrange(torch.stack(ys, dim=1), "b n c d -> b (n c) d")
+    return y[:, :steps], weights, momentum

@@ -1,0 +1,221 @@
+"""`NeuralMemory`: the long-term memory as a layer (Titans section 3.1 and 4.4).
+
+x (B, T, dim) -> projections q, k, v (eq 11, 15) -> gates theta, eta, alpha ->
+the inner loop of eq 8-15 (chunked by default, token by token on request) -> y (B, T, dim).
+
+The outer loop (ordinary training) learns W_Q, W_K, W_V, the convolution, the gate
+maps and the initial memory M_0; the inner loop learns the memory weights at test time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .chunked import chunked_memory
+from .memory import MemoryState, memory_forward, per_token_memory
+
+PATHS = {"chunked": chunked_memory, "per_token": per_token_memory}
+
+
+def inner_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The inner loop's dtype: float32 at least (float64 stays, for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class NeuralMemory(nn.Module):
+    """A deep memory written by gradient descent on eq 12 while it reads.
+
+    Args:
+        dim: width of x, keys, values and queries.
+        depth: memory MLP layers (>= 1). 1 is a matrix memory (online linear regression).
+        chunk_size: tokens per chunk of the mini-batch rule (section 3.2); 1 = per token.
+        expansion: hidden width of a deep memory is expansion * dim (paper: unspecified).
+        conv_kernel: causal depthwise convolution after the q, k, v projections (4.4);
+            0 turns it off.
+        qkv_silu, qk_l2norm: SiLU on q, k, v and l2-normalised q, k (4.4); switchable.
+        momentum, forgetting: False pins eta = 0 or alpha = 0 (ablations of table 5).
+        theta_max: the largest inner learning rate.
+        theta_init, eta_init, alpha_init: the gates' values at initialisation.
+
+    Gates (paper: "functions of x_t", no formula given): we use one linear map of x_t to
+    three logits, theta_t = theta_max * sigmoid(.), eta_t = sigmoid(.), alpha_t = sigmoid(.),
+    with zero weights and biases set so each gate starts at its *_init value. Sigmoids
+    keep eta and alpha in [0, 1] as eq 10 and 13 require.
+
+    Initial memory M_0 (paper: unspecified): an outer-loop parameter. A matrix memory
+    starts at zero (an empty memory); a deep one at random weights, because all-zero
+    layers are a fixed point of gradient descent (each layer's gradient is proportional
+    to the other layers' weights).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int = 2,
+        chunk_size: int = 16,
+        *,
+        expansion: int = 4,
+        conv_kernel: int = 4,
+        qkv_silu: bool = True,
+        qk_l2norm: bool = True,
+        momentum: bool = True,
+        forgetting: bool = True,
+        theta_max: float = 1.0,
+        theta_init: float = 0.1,
+        eta_init: float = 0.5,
+        alpha_init: float = 0.01,
+    ):
+        super().__init__()
+        for name, value in {"dim": dim, "depth": depth, "chunk_size": chunk_size, "expansion": expansion}.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(conv_kernel, int) or conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be an integer >= 0 (0 = no convolution), got {conv_kernel!r}")
+        if not theta_max > 0:
+            raise ValueError(f"theta_max must be > 0, got {theta_max!r}")
+        for name, value, high in (("theta_init", theta_init, theta_max), ("eta_init", eta_init, 1.0), ("alpha_init", alpha_init, 1.0)):
+            if not 0 < value < high:
+                raise ValueError(f"{name} must lie strictly between 0 and {high}, got {value!r}")
+        self.dim, self.depth, self.chunk_size = dim, depth, chunk_size
+        self.conv_kernel, self.qkv_silu, self.qk_l2norm = conv_kernel, qkv_silu, qk_l2norm
+        self.momentum, self.forgetting, self.theta_max = momentum, forgetting, theta_max
+
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.conv = nn.Parameter(torch.randn(3 * dim, conv_kernel) / math.sqrt(conv_kernel)) if conv_kernel else None
+        self.to_gates = nn.Linear(dim, 3)
+        nn.init.zeros_(self.to_gates.weight)
+        with torch.no_grad():
+            self.to_gates.bias.copy_(torch.logit(torch.tensor([theta_init / theta_max, eta_init, alpha_init])))
+
+        widths = [dim] + [expansion * dim] * (depth - 1) + [dim]
+        self.initial_weights = nn.ParameterList(
+            nn.Parameter(torch.zeros(d_in, d_out) if depth == 1 else torch.randn(d_in, d_out) / math.sqrt(d_in))
+            for d_in, d_out in zip(widths[:-1], widths[1:])
+        )
+
+    # ----------------------------------------------------------------- pieces
+    def project(self, x: Tensor, conv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """q, k, v of eq 11 and 15 (section 4.4), and the convolution's new tail."""
+        qkv = self.to_qkv(x)
+        if self.conv is not None:
+            if conv is None:
+                conv = qkv.new_zeros(x.shape[0], self.conv_kernel - 1, 3 * self.dim)
+            steps, padded = qkv.shape[1], torch.cat([conv, qkv], dim=1)
+            conv = padded[:, steps:]
+            # causal depthwise convolution: out_t = sum_i w_i * in_{t - K + 1 + i}
+            # (shift-and-add: on CPU it is far faster than F.conv1d's depthwise backward)
+            qkv = sum(padded[:, i : i + steps] * self.conv[:, i] for i in range(self.conv_kernel))
+        if self.qkv_silu:
+            qkv = F.silu(qkv)
+        q, k, v = qkv.chunk(3, dim=-1)
+        if self.qk_l2norm:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        return q, k, v, conv
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """theta_t, eta_t, alpha_t, each (B, T): data-dependent (section 3.2)."""
+        theta, eta, alpha = torch.sigmoid(self.to_gates(x)).unbind(-1)
+        theta = self.theta_max * theta
+        eta = eta if self.momentum else torch.zeros_like(eta)
+        alpha = alpha if self.forgetting else torch.zeros_like(alpha)
+        return theta, eta, alpha
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> MemoryState:
+        """M_0 (learned), S_0 = 0, no pending tokens, an empty convolution tail."""
+        like = self.initial_weights[0]
+        new = dict(device=device or like.device, dtype=inner_dtype(dtype or like.dtype))
+        weights = tuple(w.to(**new).expand(batch_size, *w.shape) for w in self.initial_weights)
+        return MemoryState(
+            weights=weights,
+            momentum=tuple(torch.zeros_like(w) for w in weights),
+            keys=torch.zeros(batch_size, 0, self.dim, **new),
+            values=torch.zeros(batch_size, 0, self.dim, **new),
+            gates=torch.zeros(batch_size, 0, 3, **new),
+            conv=None if self.conv is None else torch.zeros(batch_size, self.conv_kernel - 1, 3 * self.dim, **new),
+        )
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor, state: MemoryState | None = None, *, path: str = "chunked") -> tuple[Tensor, MemoryState]:
+        """Write x into the memory and read it back: y_t = M_t(q_t).
+
+        Args:
+            x: (B, T, dim), T >= 1.
+            state: a `MemoryState` from an earlier call (or None for M_0): feeding a
+                stream whole, or in pieces with the state passed on, gives the same
+                outputs and the same final state.
+            path: "chunked" (parallel, `titans_mini.chunked`) or "per_token" (the
+                reference loop of `titans_mini.memory`). Both apply the same rule.
+        Returns:
+            y (B, T, dim) and the new state.
+
+        The inner loop runs in float32 even under bf16/fp16 autocast: its many small
+        updates would drown in half-precision rounding.
+        """
+        self._check_input(x, "x")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
+        state = self.initial_state(x.shape[0], x.device, x.dtype) if state is None else state
+        self._check_state(state, x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            inner = x.to(inner_dtype(x.dtype))
+            q, k, v, conv = self.project(inner, state.conv)
+            gates = torch.stack(self.gates(inner), dim=-1)
+            seen = state.pending  # tokens of the current chunk already in the state
+            k, v, gates = (torch.cat([old, new], dim=1) for old, new in ((state.keys, k), (state.values, v), (state.gates, gates)))
+            q = F.pad(q, (0, 0, seen, 0))  # those tokens were read in an earlier call
+            y, weights, momentum = PATHS[path](
+                state.weights, state.momentum, q, k, v, *gates.unbind(-1), chunk_size=self.chunk_size
+            )
+            keep = k.shape[1] % self.chunk_size
+            start = k.shape[1] - keep
+            new_state = MemoryState(weights, momentum, k[:, start:], v[:, start:], gates[:, start:], conv)
+        return y[:, seen:].to(x.dtype), new_state
+
+    def retrieve(self, x: Tensor, weights, conv: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Read without writing, y_t = M(q_t) for fixed weights (MAC's eq 21).
+
+        `conv` is the convolution tail of *this* input stream (a reader of a different
+        stream from the writer keeps its own). Returns y (B, T, dim) and the new tail.
+        """
+        self._check_input(x, "x")
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, _, _, conv = self.project(x.to(inner_dtype(x.dtype)), conv)
+            y = memory_forward(tuple(weights), q)
+        return y.to(x.dtype), conv
+
+    # ------------------------------------------------------------- validation
+    def _check_input(self, x: Tensor, name: str) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have shape (batch, time, dim), got {x.ndim} dims {tuple(x.shape)}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{name} must have width dim={self.dim}, got {x.shape[-1]}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{name} is empty: got shape {tuple(x.shape)}; need batch >= 1 and time >= 1")
+
+    def _check_state(self, state: MemoryState, x: Tensor) -> None:
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"state must be a MemoryState or None, got {type(state).__name__}")
+        batch = x.shape[0]
+        expected = [(batch, *w.shape) for w in self.initial_weights]
+        for name, tensors in (("weights", state.weights), ("momentum", state.momentum)):
+            got = [tuple(t.shape) for t in tensors]
+            if got != expected:
+                raise ValueError(f"state.{name} has shapes {got}, expected {expected}: a state from another memory configuration or batch size")
+        if state.pending >= self.chunk_size or state.keys.shape != (batch, state.pending, self.dim):
+            raise ValueError(
+                f"state holds {state.pending} pending tokens of shape {tuple(state.keys.shape)}; "
+                f"expected fewer than chunk_size={self.chunk_size} of shape (batch={batch}, p, dim={self.dim})"
+            )
+        conv = None if self.conv is None else (batch, self.conv_kernel - 1, 3 * self.dim)
+        got = None if state.conv is None else tuple(state.conv.shape)
+        if got != conv:
+            raise ValueError(f"state.conv has shape {got}, expected {conv} for conv_kernel={self.conv_kernel}")
