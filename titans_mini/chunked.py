@@ -129,10 +129,11 @@ def chunked_memory(
     tokens = [F.pad(t, (0, 0, 0, pad)) for t in (q, k, v)]
     q, k, v = (rearrange(t, "b (n c) d -> b n c d", c=size) for t in tokens)
     gates = [rearrange(F.pad(g, (0, pad)), "b (n c) -> b n c", c=size) for g in (theta, eta, alpha)]
-    coef = chunk_coefficients(*gates)
-
-    def scalar(name: str, c: int) -> Tensor:  # (B,) or (B, b) made to broadcast
-        return coef[name][:, c].reshape(batch, -1, 1)
+    # per chunk: (B,) scalars and (B, b) / (B, b, b) token coefficients, shaped to broadcast
+    coef = {
+        name: [c.reshape(batch, -1, 1) if name != "read_u" else c for c in value.unbind(1)]
+        for name, value in chunk_coefficients(*gates).items()
+    }
 
     ys = []
     for c in range(n_chunks):
@@ -142,8 +143,9 @@ def chunked_memory(
         # read: y_t = M_t(q_t), layer by layer, as a causal linear-attention product
         x = q[:, c]
         for layer, (w, s) in enumerate(zip(weights, momentum)):
-            scores = (x @ inputs[layer].mT) * coef["read_u"][:, c]
-            x = scalar("read_weights", c) * (x @ w) + scalar("read_momentum", c) * (x @ s) + scores @ deltas[layer]
+            scores = (x @ inputs[layer].mT) * coef["read_u"][c]
+            x = torch.addcmul(coef["read_weights"][c] * (x @ w), coef["read_momentum"][c], x @ s)
+            x = torch.baddbmm(x, scores, deltas[layer])
             if layer < len(weights) - 1:
                 x = F.silu(x)
         ys.append(x)
@@ -153,13 +155,11 @@ def chunked_memory(
         # write: the chunk's update as weighted sums of rank-one gradients (eq 16-18)
         weights, momentum = (
             tuple(
-                scalar("end_weights", c) * w
-                + scalar("end_momentum", c) * s
-                + a.mT @ (scalar("end_u", c) * d)
+                torch.baddbmm(torch.addcmul(coef["end_weights"][c] * w, coef["end_momentum"][c], s), a.mT, coef["end_u"][c] * d)
                 for w, s, a, d in zip(weights, momentum, inputs, deltas)
             ),
             tuple(
-                scalar("momentum_momentum", c) * s + a.mT @ (scalar("momentum_u", c) * d)
+                torch.baddbmm(coef["momentum_momentum"][c] * s, a.mT, coef["momentum_u"][c] * d)
                 for s, a, d in zip(momentum, inputs, deltas)
             ),
         )
