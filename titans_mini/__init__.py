@@ -5,6 +5,9 @@ Modules, one idea each:
     scan           first-order linear recurrences as a parallel associative scan (eq 18)
     chunked        the parallel chunked update: mini-batch gradient descent (eq 16-18)
     neural_memory  NeuralMemory, the memory as a layer (section 3.1, 4.4)
+    attention      causal / sliding-window attention with persistent memory (eq 19)
+    tasks          generated recall tasks (passkey, MQAR) and their rewards
+    grpo           group-relative policy optimisation from scratch
     device         pick_device, seed_everything
 """
 

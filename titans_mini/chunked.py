@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .memory import Weights
 from .scan import linear_scan
@@ -104,6 +105,41 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> dict[str, T
     }
 
 
+def chunk_step(
+    weights: Weights, momentum: Weights, q: Tensor, k: Tensor, v: Tensor, coef: dict[str, Tensor], write: bool
+) -> tuple[Tensor, Weights, Weights]:
+    """One chunk: read every token's own memory M_t, then (if `write`) move M and S to the chunk end.
+
+    q, k, v: (B, b, d); coef: this chunk's `chunk_coefficients`, scalars shaped (B, 1, 1)
+    or (B, b, 1) to broadcast, read_u (B, b, b).
+    """
+    inputs, pre, out = memory_activations(weights, k)
+    deltas = token_deltas(weights, pre, out, v)
+
+    # read: y_t = M_t(q_t), layer by layer, as a causal linear-attention product
+    x = q
+    for layer, (w, s) in enumerate(zip(weights, momentum)):
+        scores = (x @ inputs[layer].mT) * coef["read_u"]
+        x = torch.addcmul(coef["read_weights"] * (x @ w), coef["read_momentum"], x @ s)
+        x = torch.baddbmm(x, scores, deltas[layer])
+        if layer < len(weights) - 1:
+            x = F.silu(x)
+    if not write:
+        return x, weights, momentum
+
+    # write: the chunk's update as weighted sums of rank-one gradients (eq 16-18)
+    # (in place on fresh tensors: one weight-sized allocation per matrix, not three)
+    new_weights = tuple(
+        (coef["end_weights"] * w).addcmul_(coef["end_momentum"], s).baddbmm_(a.mT, coef["end_u"] * d)
+        for w, s, a, d in zip(weights, momentum, inputs, deltas)
+    )
+    new_momentum = tuple(
+        (coef["momentum_momentum"] * s).baddbmm_(a.mT, coef["momentum_u"] * d)
+        for s, a, d in zip(momentum, inputs, deltas)
+    )
+    return x, new_weights, new_momentum
+
+
 def chunked_memory(
     weights: Weights,
     momentum: Weights,
@@ -121,47 +157,31 @@ def chunked_memory(
     Token t reads its own weights M_t (eq 15), built by the mini-batch rule from the
     chunk-start weights and tokens <= t of its chunk only: it never sees a later token.
     A last, incomplete chunk is read but not written; its start weights are returned.
+
+    When gradients are recorded, each chunk is checkpointed: backward keeps only every
+    chunk's start weights and recomputes the chunk's activations, so the activations
+    held for backward grow with the chunk size, not the sequence length.
     """
     batch, steps, _ = k.shape
     size = chunk_size
     n_chunks = -(-steps // size)
     pad = n_chunks * size - steps
     tokens = [F.pad(t, (0, 0, 0, pad)) for t in (q, k, v)]
-    q, k, v = (rearrange(t, "b (n c) d -> b n c d", c=size) for t in tokens)
+    q, k, v = (rearrange(t, "b (n c) d -> b n c d", c=size).unbind(1) for t in tokens)
     gates = [rearrange(F.pad(g, (0, pad)), "b (n c) -> b n c", c=size) for g in (theta, eta, alpha)]
-    # per chunk: (B,) scalars and (B, b) / (B, b, b) token coefficients, shaped to broadcast
-    coef = {
+    # per chunk: scalars shaped (B, 1, 1), token coefficients (B, b, 1), read_u (B, b, b)
+    coefs = {
         name: [c.reshape(batch, -1, 1) if name != "read_u" else c for c in value.unbind(1)]
         for name, value in chunk_coefficients(*gates).items()
     }
 
     ys = []
     for c in range(n_chunks):
-        inputs, pre, out = memory_activations(weights, k[:, c])
-        deltas = token_deltas(weights, pre, out, v[:, c])
-
-        # read: y_t = M_t(q_t), layer by layer, as a causal linear-attention product
-        x = q[:, c]
-        for layer, (w, s) in enumerate(zip(weights, momentum)):
-            scores = (x @ inputs[layer].mT) * coef["read_u"][c]
-            x = torch.addcmul(coef["read_weights"][c] * (x @ w), coef["read_momentum"][c], x @ s)
-            x = torch.baddbmm(x, scores, deltas[layer])
-            if layer < len(weights) - 1:
-                x = F.silu(x)
-        ys.append(x)
-
-        if c == n_chunks - 1 and pad:
-            break  # incomplete chunk: its tokens wait in the state
-        # write: the chunk's update as weighted sums of rank-one gradients (eq 16-18)
-        weights, momentum = (
-            tuple(
-                torch.baddbmm(torch.addcmul(coef["end_weights"][c] * w, coef["end_momentum"][c], s), a.mT, coef["end_u"][c] * d)
-                for w, s, a, d in zip(weights, momentum, inputs, deltas)
-            ),
-            tuple(
-                torch.baddbmm(coef["momentum_momentum"][c] * s, a.mT, coef["momentum_u"][c] * d)
-                for s, a, d in zip(momentum, inputs, deltas)
-            ),
-        )
-    y = rearrange(torch.stack(ys, dim=1), "b n c d -> b (n c) d")
-    return y[:, :steps], weights, momentum
+        args = (weights, momentum, q[c], k[c], v[c], {name: value[c] for name, value in coefs.items()})
+        write = not (c == n_chunks - 1 and pad)  # an incomplete chunk's tokens wait in the state
+        if torch.is_grad_enabled():
+            y, weights, momentum = checkpoint(chunk_step, *args, write, use_reentrant=False)
+        else:
+            y, weights, momentum = chunk_step(*args, write)
+        ys.append(y)
+    return torch.cat(ys, dim=1)[:, :steps], weights, momentum

@@ -1,0 +1,65 @@
+"""pyproject.toml, environment.yml and constraints-cpu.txt describe the same installation."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def _name(requirement: str) -> str:
+    """PEP 503 normalised project name of a requirement string such as 'Torch>=2.2'."""
+    match = NAME.match(requirement)
+    assert match, f"not a requirement: {requirement!r}"
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _environment_pip_requirements() -> list[str]:
+    """Items of the `- pip:` list in environment.yml (a tiny parser: no PyYAML needed)."""
+    items, pip_indent = [], None
+    for line in (ROOT / "environment.yml").read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if line.strip() == "- pip:":
+            pip_indent = indent
+        elif pip_indent is not None and indent > pip_indent and line.strip().startswith("- "):
+            items.append(line.strip()[2:].strip())
+        elif pip_indent is not None and indent <= pip_indent:
+            pip_indent = None
+    return items
+
+
+def test_environment_lists_the_runtime_and_dev_dependencies():
+    project = _pyproject()
+    expected = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    listed = [r for r in _environment_pip_requirements() if not r.startswith("-")]
+    assert listed, "environment.yml has no pip section"
+    assert {_name(r) for r in listed} == expected
+    assert "-e .[dev]" in _environment_pip_requirements()
+
+
+def test_dependencies_have_lower_bounds_only():
+    project = _pyproject()
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    for requirement in requirements:
+        assert ">=" in requirement and not re.search(r"==|<|~=|!=", requirement), (
+            f"{requirement!r}: use a lower bound only (exact pins break on newer Pythons)"
+        )
+
+
+def test_cpu_constraints_pin_torch():
+    lines = [l.split("#")[0].strip() for l in (ROOT / "constraints-cpu.txt").read_text().splitlines()]
+    pins = [l for l in lines if l and _name(l) == "torch"]
+    assert len(pins) == 1 and re.fullmatch(r"torch==\d+\.\d+\.\d+", pins[0]), pins
