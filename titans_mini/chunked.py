@@ -151,6 +151,7 @@ def chunked_memory(
     alpha: Tensor,
     *,
     chunk_size: int,
+    checkpoint_chunks: bool = True,
 ) -> tuple[Tensor, Weights, Weights]:
     """Same arguments and results as `titans_mini.memory.per_token_memory`, in parallel.
 
@@ -158,9 +159,11 @@ def chunked_memory(
     chunk-start weights and tokens <= t of its chunk only: it never sees a later token.
     A last, incomplete chunk is read but not written; its start weights are returned.
 
-    When gradients are recorded, each chunk is checkpointed: backward keeps only every
-    chunk's start weights and recomputes the chunk's activations, so the activations
-    held for backward grow with the chunk size, not the sequence length.
+    When gradients are recorded and `checkpoint_chunks` is on, each chunk is
+    checkpointed: backward keeps only every chunk's start weights and recomputes the
+    chunk's activations, so the activations held for backward grow with the chunk size,
+    not the sequence length. Off, backward is faster and holds every chunk's activations
+    (fine for the short sequences of the small language models).
     """
     batch, steps, _ = k.shape
     size = chunk_size
@@ -179,7 +182,7 @@ def chunked_memory(
     for c in range(n_chunks):
         args = (weights, momentum, q[c], k[c], v[c], {name: value[c] for name, value in coefs.items()})
         write = not (c == n_chunks - 1 and pad)  # an incomplete chunk's tokens wait in the state
-        if torch.is_grad_enabled():
+        if checkpoint_chunks and torch.is_grad_enabled():
             y, weights, momentum = checkpoint(chunk_step, *args, write, use_reentrant=False)
         else:
             y, weights, momentum = chunk_step(*args, write)

@@ -41,6 +41,8 @@ class NeuralMemory(nn.Module):
         momentum, forgetting: False pins eta = 0 or alpha = 0 (ablations of table 5).
         theta_max: the largest inner learning rate.
         theta_init, eta_init, alpha_init: the gates' values at initialisation.
+        checkpoint_chunks: recompute each chunk in backward (chunked path), so training
+            memory grows with the chunk size, not the sequence length; off is faster.
 
     Gates (paper: "functions of x_t", no formula given): we use one linear map of x_t to
     three logits, theta_t = theta_max * sigmoid(.), eta_t = sigmoid(.), alpha_t = sigmoid(.),
@@ -69,6 +71,7 @@ class NeuralMemory(nn.Module):
         theta_init: float = 0.1,
         eta_init: float = 0.5,
         alpha_init: float = 0.01,
+        checkpoint_chunks: bool = True,
     ):
         super().__init__()
         for name, value in {"dim": dim, "depth": depth, "chunk_size": chunk_size, "expansion": expansion}.items():
@@ -84,6 +87,7 @@ class NeuralMemory(nn.Module):
         self.dim, self.depth, self.chunk_size = dim, depth, chunk_size
         self.conv_kernel, self.qkv_silu, self.qk_l2norm = conv_kernel, qkv_silu, qk_l2norm
         self.momentum, self.forgetting, self.theta_max = momentum, forgetting, theta_max
+        self.checkpoint_chunks = checkpoint_chunks
 
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = nn.Parameter(torch.randn(3 * dim, conv_kernel) / math.sqrt(conv_kernel)) if conv_kernel else None
@@ -168,8 +172,9 @@ class NeuralMemory(nn.Module):
             seen = state.pending  # tokens of the current chunk already in the state
             k, v, gates = (torch.cat([old, new], dim=1) for old, new in ((state.keys, k), (state.values, v), (state.gates, gates)))
             q = F.pad(q, (0, 0, seen, 0))  # those tokens were read in an earlier call
+            options = {"checkpoint_chunks": self.checkpoint_chunks} if path == "chunked" else {}
             y, weights, momentum = PATHS[path](
-                state.weights, state.momentum, q, k, v, *gates.unbind(-1), chunk_size=self.chunk_size
+                state.weights, state.momentum, q, k, v, *gates.unbind(-1), chunk_size=self.chunk_size, **options
             )
             keep = k.shape[1] % self.chunk_size
             start = k.shape[1] - keep

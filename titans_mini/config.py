@@ -1,0 +1,94 @@
+"""`TitansConfig`: every choice of a Titans language model in one validated object.
+
+A bad value is refused when the config is built, with a message naming the field, so a
+typo fails at once rather than deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .tasks import VOCAB_SIZE
+
+VARIANTS = ("mac", "mag", "mal", "lmm", "swa")
+
+
+@dataclass(frozen=True)
+class TitansConfig:
+    """Architecture of a `TitansLM` (paper section 4).
+
+    variant:
+        "mac"  memory as context (eq 21-25): segments of `window` tokens, full causal
+               attention inside a segment over [persistent || retrieved memory || segment];
+        "mag"  memory as gate (eq 26-28): sliding-window attention beside the memory;
+        "mal"  memory as layer (eq 29-31): the memory, then sliding-window attention;
+        "lmm"  the long-term memory alone, no attention;
+        "swa"  baseline: a sliding-window-attention Transformer, its MLP widened to about
+               the parameter count of the memory variants.
+    window: MAC's segment length C, and the sliding window of MAG, MAL and SWA: either
+        way the number of past tokens attention can see.
+    n_persistent: learnable persistent-memory tokens per attention layer (eq 19).
+    memory_depth, memory_expansion, chunk_size, conv_kernel, momentum, forgetting:
+        passed to `NeuralMemory` (see there). MAC needs `window % chunk_size == 0` so
+        that a segment ends where a chunk ends: the next segment reads the memory the
+        whole previous segment wrote.
+    mlp_expansion: hidden width of each block's MLP, in multiples of `dim`.
+    checkpoint_memory: recompute memory chunks in backward (`NeuralMemory`'s
+        checkpoint_chunks); off by default: our sequences are short, and it is faster.
+    """
+
+    vocab_size: int = VOCAB_SIZE
+    dim: int = 64
+    n_layers: int = 2
+    heads: int = 4
+    variant: str = "mac"
+    window: int = 32
+    n_persistent: int = 4
+    memory_depth: int = 2
+    memory_expansion: int = 2
+    chunk_size: int = 8
+    conv_kernel: int = 4
+    momentum: bool = True
+    forgetting: bool = True
+    mlp_expansion: int = 4
+    checkpoint_memory: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "dim", "n_layers", "heads", "window", "memory_depth",
+                    "memory_expansion", "chunk_size", "mlp_expansion")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TitansConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("n_persistent", "conv_kernel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"TitansConfig.{name} must be an int >= 0, got {value!r}")
+        for name in ("momentum", "forgetting", "checkpoint_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TitansConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"TitansConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ValueError(f"TitansConfig.heads must divide dim={self.dim} into an even head size "
+                             f"(rotary embeddings rotate pairs), got heads={self.heads}")
+        if self.variant == "mac" and self.window % self.chunk_size:
+            raise ValueError(f"TitansConfig.window (MAC's segment length, {self.window}) must be a "
+                             f"multiple of chunk_size={self.chunk_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TitansConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TitansConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "TitansConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,63 @@
+"""Supervised training and evaluation on the passkey task: shared by notebook 05, the
+experiment script `benchmarks/passkey.py` and GRPO's pre-training (notebook 06).
+
+The loss is cross-entropy at the answer position only (`tasks.IGNORE` elsewhere), so
+the model is graded on recall alone, not on predicting the random filler.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .tasks import IGNORE, answer_accuracy, passkey_batch
+
+
+def passkey_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy at answer positions, and the answer accuracy of the same forward."""
+    logits, _ = model(batch["input_ids"])
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE)
+    return loss, answer_accuracy(logits, batch["targets"])
+
+
+def train_passkey(model: nn.Module, steps: int, *, distances: tuple[int, int], seq_len: int,
+                  batch_size: int = 32, lr: float = 3e-3, seed: int = 0, progress: bool = True,
+                  device: torch.device | str | None = None) -> list[dict[str, float]]:
+    """Train `model` on passkey batches, each at a distance drawn uniformly from `distances`
+    (inclusive), with AdamW and a cosine learning rate. Returns per-step loss and accuracy."""
+    low, high = distances
+    if not 1 <= low <= high or seq_len < high + 6:
+        raise ValueError(f"need 1 <= distances[0] <= distances[1] and seq_len >= distances[1] + 6, "
+                         f"got distances={distances}, seq_len={seq_len}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = device or next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    history = []
+    for _ in tqdm(range(steps), disable=not progress, desc="train", leave=False):
+        distance = int(torch.randint(low, high + 1, (1,), generator=generator))
+        batch = {k: v.to(device) for k, v in passkey_batch(batch_size, distance, seq_len=seq_len, generator=generator).items()}
+        loss, accuracy = passkey_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        history.append({"loss": loss.item(), "accuracy": accuracy.item()})
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def passkey_accuracy(model: nn.Module, distance: int, *, seq_len: int, n: int = 256, seed: int = 1234,
+                     device: torch.device | str | None = None) -> float:
+    """Greedy answer accuracy on `n` fresh passkey rows at `distance` (chance: 1/64)."""
+    device = device or next(model.parameters()).device
+    batch = passkey_batch(n, distance, seq_len=seq_len, generator=torch.Generator().manual_seed(seed))
+    logits, _ = model(batch["input_ids"].to(device))
+    return answer_accuracy(logits, batch["targets"].to(device)).item()
