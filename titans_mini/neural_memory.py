@@ -38,9 +38,11 @@ class NeuralMemory(nn.Module):
         conv_kernel: causal depthwise convolution after the q, k, v projections (4.4);
             0 turns it off.
         qkv_silu, qk_l2norm: SiLU on q, k, v and l2-normalised q, k (4.4); switchable.
+        v_l2norm: l2-normalised values too (paper: not normalised; see below).
         momentum, forgetting: False pins eta = 0 or alpha = 0 (ablations of table 5).
-        theta_max: the largest inner learning rate.
-        theta_init, eta_init, alpha_init: the gates' values at initialisation.
+        theta_max: the largest inner learning rate; None = 1 / (4 chunk_size) (see below).
+        theta_init, eta_init, alpha_init: the gates' values at initialisation
+            (theta_init None = theta_max / 2).
         checkpoint_chunks: recompute each chunk in backward (chunked path), so training
             memory grows with the chunk size, not the sequence length; off is faster.
 
@@ -48,6 +50,25 @@ class NeuralMemory(nn.Module):
     three logits, theta_t = theta_max * sigmoid(.), eta_t = sigmoid(.), alpha_t = sigmoid(.),
     with zero weights and biases set so each gate starts at its *_init value. Sigmoids
     keep eta and alpha in [0, 1] as eq 10 and 13 require.
+
+    Why theta_max = 1 / (4 chunk_size) (paper: unspecified). For a unit key k, one step
+    of eq 12 shrinks the error M k - v by (1 - 2 theta): stable for theta < 1. The
+    mini-batch rule of section 3.2 takes all b gradients of a chunk at the chunk-start
+    weights and adds them up; when the chunk's keys point the same way (they do: SiLU
+    outputs are positive, so normalised keys share a direction; a haystack repeats the
+    same filler) the steps add to b * theta, so the linear memory needs b * theta < 1.
+    A deep memory is more curved than that: in our passkey runs (dim 64, depth 2,
+    chunk 8) training drove the gates up and the inner loop overflowed within 50 steps
+    with a cap of 1 / (2b); with 1 / (4b) it trained to 100% recall. The outer loop can
+    still choose any theta below the cap.
+
+    Why unit values (paper: q and k are normalised, v is not). A linear memory's step
+    is stable whatever the size of v, but a deep one's is not: the layer-1 gradient is
+    proportional to the error times the later layers' weights, so large errors make
+    large steps that grow those weights, and training (which is free to grow W_V)
+    drove the inner loop to overflow within a few dozen steps in our passkey runs.
+    With unit values the error stays O(1). The scale the outer loop needs comes back
+    through whatever reads y (a gate's RMSNorm, the next block's norm).
 
     Initial memory M_0 (paper: unspecified): an outer-loop parameter. A matrix memory
     starts at zero (an empty memory); a deep one at random weights, because all-zero
@@ -65,10 +86,11 @@ class NeuralMemory(nn.Module):
         conv_kernel: int = 4,
         qkv_silu: bool = True,
         qk_l2norm: bool = True,
+        v_l2norm: bool = True,
         momentum: bool = True,
         forgetting: bool = True,
-        theta_max: float = 1.0,
-        theta_init: float = 0.1,
+        theta_max: float | None = None,
+        theta_init: float | None = None,
         eta_init: float = 0.5,
         alpha_init: float = 0.01,
         checkpoint_chunks: bool = True,
@@ -79,6 +101,8 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(conv_kernel, int) or conv_kernel < 0:
             raise ValueError(f"conv_kernel must be an integer >= 0 (0 = no convolution), got {conv_kernel!r}")
+        theta_max = 0.25 / chunk_size if theta_max is None else theta_max
+        theta_init = theta_max / 2 if theta_init is None else theta_init
         if not theta_max > 0:
             raise ValueError(f"theta_max must be > 0, got {theta_max!r}")
         for name, value, high in (("theta_init", theta_init, theta_max), ("eta_init", eta_init, 1.0), ("alpha_init", alpha_init, 1.0)):
@@ -86,6 +110,7 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"{name} must lie strictly between 0 and {high}, got {value!r}")
         self.dim, self.depth, self.chunk_size = dim, depth, chunk_size
         self.conv_kernel, self.qkv_silu, self.qk_l2norm = conv_kernel, qkv_silu, qk_l2norm
+        self.v_l2norm = v_l2norm
         self.momentum, self.forgetting, self.theta_max = momentum, forgetting, theta_max
         self.checkpoint_chunks = checkpoint_chunks
 
@@ -119,6 +144,8 @@ class NeuralMemory(nn.Module):
         q, k, v = qkv.chunk(3, dim=-1)
         if self.qk_l2norm:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.v_l2norm:
+            v = F.normalize(v, dim=-1)
         return q, k, v, conv
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
