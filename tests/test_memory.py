@@ -103,12 +103,13 @@ def test_switches_pin_gates_and_shape_projections():
     x = torch.randn(2, 5, 6)
     theta, eta, alpha = memory.gates(x)
     assert (eta == 0).all() and (alpha == 0).all() and (theta > 0).all()
-    q, k, _, conv = memory.project(x)
+    q, k, v, conv = memory.project(x)
     assert conv is None
     torch.testing.assert_close(k.norm(dim=-1), torch.ones(2, 5))
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(2, 5))
     _, state = memory(x)
     assert state.conv is None
-    raw = NeuralMemory(6, qk_l2norm=False, qkv_silu=False, conv_kernel=0)
+    raw = NeuralMemory(6, qk_l2norm=False, v_l2norm=False, qkv_silu=False, conv_kernel=0)
     q, k, v, _ = raw.project(x)
     torch.testing.assert_close(torch.cat([q, k, v], -1), raw.to_qkv(x))
 
@@ -127,7 +128,7 @@ def test_matrix_memory_with_one_token_is_one_gradient_step():
 def test_memory_learns_a_repeated_association():
     """Reading a key the memory has seen recalls its value better than chance."""
     torch.manual_seed(3)
-    memory = NeuralMemory(16, depth=1, chunk_size=1, conv_kernel=0, theta_init=0.4, momentum=False, forgetting=False)
+    memory = NeuralMemory(16, depth=1, chunk_size=1, conv_kernel=0, momentum=False, forgetting=False)
     weights, momentum = memory.initial_state(1).weights, memory.initial_state(1).momentum
     k = torch.nn.functional.normalize(torch.randn(1, 8, 16), dim=-1)
     v = torch.randn(1, 8, 16)
