@@ -1,0 +1,490 @@
+"""Titans under Hugging Face: a `transformers` model, an offline tokenizer, and GRPO with TRL.
+
+    TitansHFConfig       PretrainedConfig: the TitansConfig fields + the names transformers reads
+    TitansModel          the backbone: input ids -> last_hidden_state (what TRL's fused log-prob head calls)
+    TitansForCausalLM    backbone + head: `generate()`, `save_pretrained` / `from_pretrained` (safetensors)
+    make_tokenizer       a word-level tokenizer over `tasks.TOKENS`, built offline
+    passkey_dataset      passkey prompts as a `datasets.Dataset`; `recall_reward_func` scores completions
+    grpo_config          a trl.GRPOConfig for small models (fp32, no gradient checkpointing, no reporting)
+    TitansGRPOTrainer    trl.GRPOTrainer whose advantages and loss come from `titans_mini.grpo`
+
+Needs the "hf" extra (pip install "titans-mini[hf]"); the rest of the package never imports
+this module. Importing it registers "titans-mini" with AutoConfig, AutoModel and
+AutoModelForCausalLM, so a saved folder loads with `AutoModelForCausalLM.from_pretrained(path)`.
+
+Two things a recurrent memory model does differently from a Transformer:
+
+Cache. Titans carries a *state* per layer (the memory weights and momentum of eq 13-14, the
+unfinished chunk, the attention window or segment), not a growing key/value cache. We pass
+that state as `past_key_values` (`TitansCache`): `generate` feeds one new token per step and
+the state continues exactly where the prompt left it (TitansLM guarantees that a stream cut
+anywhere continues as if uncut), so each new token costs the same however long the text.
+Why not `use_cache=False`: transformers would then re-read the whole sequence every step
+(same tokens, quadratic cost). Why not let transformers make a `DynamicCache`: it would feed
+only the last token to a model that then remembers nothing, and sample from the wrong
+distribution without any error. `use_cache=False` still works and gives the same tokens.
+The state cannot be cropped or reordered: assisted decoding is refused, and beam search
+runs only with `use_cache=False` (transformers says so if you forget).
+
+Padding. A pad token is not harmless here: the memory would *learn* it (eq 12) and attention
+would see it. So `attention_mask` is honoured by running each row on its real tokens only:
+rows are grouped by their number of left pads, each group runs without its padding (positions
+start at 0, exactly as unpadded), and outputs at pad positions are zeros. Right padding (TRL
+pads completions on the right) needs nothing: a causal model never reads ahead. A mask with a
+hole (real, pad, real) is refused. Equal-length prompts make one group and cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+TESTED_VERSIONS = {"transformers": "5.23.0", "trl": "1.16.0", "datasets": "5.2.0", "accelerate": "1.15.0"}
+try:
+    import transformers
+    import trl
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PretrainedConfig,
+                              PreTrainedModel, PreTrainedTokenizerFast)
+    from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as err:  # pragma: no cover - only without the extra
+    raise ImportError('titans_mini.hf needs the "hf" extra: pip install "titans-mini[hf]" (tested with '
+                      + ", ".join(f"{k} {v}" for k, v in TESTED_VERSIONS.items()) + ")") from err
+
+from .config import TitansConfig
+from .device import pick_device
+from .grpo import aggregate, clipped_surrogate, group_advantages, k3_kl
+from .models import TitansLM
+from .tasks import BOS, EOS, PAD, TOKENS, passkey_prompts, recall_reward
+
+MODEL_TYPE = "titans-mini"
+
+
+# --------------------------------------------------------------------------- config
+
+class TitansHFConfig(PretrainedConfig):
+    """Every `TitansConfig` field as an attribute (validated by TitansConfig), plus what
+    transformers and TRL read: `hidden_size`, `num_hidden_layers`, `num_attention_heads`
+    (aliases of dim, n_layers, heads) and the <pad>, <bos>, <eos> ids of `tasks`.
+    `auto_map = {}`: TRL reads `config.auto_map` unguarded when it loads a reference model.
+    """
+
+    model_type = MODEL_TYPE
+    auto_map = {}
+    attribute_map = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "heads"}
+
+    def __init__(self, pad_token_id: int = PAD, bos_token_id: int = BOS, eos_token_id: int = EOS,
+                 use_cache: bool = True, tie_word_embeddings: bool = False, **kwargs: Any):
+        if tie_word_embeddings:
+            raise ValueError("tie_word_embeddings must be False: TitansLM has its own output head")
+        names = {f.name for f in dataclasses.fields(TitansConfig)}
+        titans = TitansConfig.from_dict({k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        for name, value in titans.to_dict().items():
+            setattr(self, name, value)
+        self.use_cache = use_cache
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=False, **kwargs)
+
+    @classmethod
+    def from_titans(cls, config: TitansConfig, **kwargs: Any) -> "TitansHFConfig":
+        if not isinstance(config, TitansConfig):
+            raise TypeError(f"config must be a TitansConfig, got {type(config).__name__}")
+        return cls(**config.to_dict(), **kwargs)
+
+    def to_titans(self) -> TitansConfig:
+        return TitansConfig.from_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(TitansConfig)})
+
+
+# --------------------------------------------------------------------------- cache and padding
+
+class TitansCache:
+    """`past_key_values` of a TitansForCausalLM: the TitansLM state of each group of rows.
+
+    groups: [(rows, state)]: `rows` (LongTensor) are the batch rows that had the same number
+    of left pads, `state` is the TitansLM state after their real tokens.
+    seen: tokens consumed so far, pads included (what `get_seq_length()` reports).
+    Not a `transformers.Cache`: it cannot be cropped or reordered, and says so.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, groups: list[tuple[Tensor, list]], seen: int):
+        self.groups, self.seen = groups, seen
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+
+def padding_groups(attention_mask: Tensor | None, batch: int, length: int,
+                   device: torch.device) -> list[tuple[Tensor, int]]:
+    """Rows grouped by their number of left pads: [(rows, first real position), ...].
+
+    attention_mask (batch, length) of 0/1, None = no padding. Each row must be left pads,
+    real tokens, then (optionally) right pads, with at least one real token.
+    """
+    if attention_mask is None:
+        return [(torch.arange(batch, device=device), 0)]
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != (batch, length):
+        raise ValueError(f"attention_mask must be a ({batch}, {length}) tensor of 0/1 like input_ids, got "
+                         f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
+    real = attention_mask.bool()
+    if not real.any(1).all():
+        raise ValueError("attention_mask: every row needs at least one real (1) token")
+    first = real.int().argmax(1)
+    last = length - 1 - real.flip(1).int().argmax(1)
+    if not torch.equal(real.sum(1), last - first + 1):
+        raise ValueError("attention_mask must be left pads, real tokens, right pads in each row (no holes): "
+                         "a recurrent memory cannot skip a token in the middle")
+    return [((first == s).nonzero().squeeze(1), s) for s in first.unique().tolist()]
+
+
+# --------------------------------------------------------------------------- models
+
+class TitansPreTrainedModel(PreTrainedModel):
+    """What TitansModel and TitansForCausalLM share: the config class, the weight prefix, no cache
+    made by transformers, and no re-initialisation (TitansLM's constructors initialise)."""
+
+    config_class = TitansHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _is_stateful = True  # transformers: no assisted decoding (a memory cannot be rolled back)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """False: generate must not make a DynamicCache; the model returns its own TitansCache."""
+        return False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing to do: TitansLM initialises its modules in their constructors."""
+
+
+class TitansModel(TitansPreTrainedModel):
+    """The backbone: forward(input_ids, attention_mask) -> BaseModelOutputWithPast(last_hidden_state).
+
+    Holds the whole TitansLM (its head is used by TitansForCausalLM): last_hidden_state is
+    what TitansLM feeds its head, so `head(last_hidden_state)` are the logits. This split is
+    what TRL's fused log-prob computation calls: `model.base_model(...)`, then the head.
+    """
+
+    def __init__(self, config: TitansHFConfig):
+        super().__init__(config)
+        self.lm = TitansLM(config.to_titans())
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.embed
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.lm.embed = value
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: TitansCache | None = None,
+                inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
+                **kwargs: Any) -> BaseModelOutputWithPast:
+        """position_ids are ignored: each row's positions start at its first real token."""
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds is not supported: TitansModel reads token ids (input_ids)")
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a (batch, time >= 1) integer tensor, got "
+                             f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        batch, length = input_ids.shape
+        if past_key_values is not None and not isinstance(past_key_values, TitansCache):
+            raise TypeError(f"past_key_values must be None or the TitansCache this model returned, got "
+                            f"{type(past_key_values).__name__}")
+        if past_key_values is None:
+            groups = [(rows, start, None) for rows, start in
+                      padding_groups(attention_mask, batch, length, input_ids.device)]
+        else:  # continuing: generate extends the mask with ones, every new token is real
+            if attention_mask is not None and not attention_mask[:, -length:].bool().all():
+                raise ValueError("with past_key_values, the new tokens' attention_mask must be all ones")
+            groups = [(rows, 0, state) for rows, state in past_key_values.groups]
+        if len(groups) == 1 and groups[0][1] == 0:  # no left padding: one batched call
+            rows, _, state = groups[0]
+            hidden, state = self.lm.hidden_states(input_ids, state)
+            states = [(rows, state)]
+        else:
+            hidden, states = None, []
+            for rows, start, state in groups:
+                h, state = self.lm.hidden_states(input_ids[rows, start:], state)
+                if hidden is None:
+                    hidden = h.new_zeros(batch, length, h.shape[-1])
+                hidden[rows, start:] = h
+                states.append((rows, state))
+        seen = 0 if past_key_values is None else past_key_values.seen
+        cache = TitansCache(states, seen + length) if use_cache else None
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+
+
+class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
+    """TitansLM as a transformers causal LM, every variant (mac, mag, mal, lmm, swa).
+
+    forward(...) -> CausalLMOutputWithPast(loss, logits, past_key_values). `labels` follow
+    transformers (unshifted, -100 = ignore): position t is scored on labels[t + 1].
+    `logits_to_keep`: an int k > 0 keeps the last k positions (0 = all), a 1-D tensor keeps
+    those positions.
+    """
+
+    def __init__(self, config: TitansHFConfig):
+        super().__init__(config)
+        self.model = TitansModel(config)
+        self.post_init()
+
+    @classmethod
+    def from_titans(cls, lm: TitansLM, **config_kwargs: Any) -> "TitansForCausalLM":
+        """Wrap a (trained) TitansLM: a new model with a copy of its weights, on its device."""
+        if not isinstance(lm, TitansLM):
+            raise TypeError(f"lm must be a TitansLM, got {type(lm).__name__}")
+        model = cls(TitansHFConfig.from_titans(lm.config, **config_kwargs))
+        model.model.lm.load_state_dict(lm.state_dict())
+        return model.to(next(lm.parameters()).device)
+
+    def to_titans(self) -> TitansLM:
+        """The wrapped TitansLM (it shares this model's weights)."""
+        return self.model.lm
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.model.lm.head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.model.lm.head = value
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: TitansCache | None = None,
+                inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, Tensor) and logits_to_keep.ndim == 1:
+            hidden = hidden[:, logits_to_keep]
+        elif isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep >= 0:
+            hidden = hidden[:, -logits_to_keep:]  # -0: everything
+        else:
+            raise ValueError(f"logits_to_keep must be an int >= 0 or a 1-D tensor of positions, got {logits_to_keep!r}")
+        logits = self.get_output_embeddings()(hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape or logits.shape[1] != labels.shape[1]:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)} and go with "
+                                 f"logits_to_keep=0, got {tuple(labels.shape)}")
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                               ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+
+AutoConfig.register(MODEL_TYPE, TitansHFConfig, exist_ok=True)
+AutoModel.register(TitansHFConfig, TitansModel, exist_ok=True)
+AutoModelForCausalLM.register(TitansHFConfig, TitansForCausalLM, exist_ok=True)
+
+
+# --------------------------------------------------------------------------- tokenizer, data, reward
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `tasks.TOKENS`, built offline: "<bos> k3 v7" <-> [1, 24, 92].
+
+    Ids equal `tasks.encode`'s; nothing is added around the text (prompts carry their own
+    <bos>); an unknown word raises. Pads on the left, as generation needs.
+    """
+    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(TOKENS)}, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=TOKENS[PAD], bos_token=TOKENS[BOS],
+                                   eos_token=TOKENS[EOS], padding_side="left", model_max_length=1 << 20,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def passkey_dataset(n: int, distances: tuple[int, int], *, n_values: int = 64, seed: int = 0):
+    """A `datasets.Dataset` of `n` passkey prompts (`tasks.passkey_prompts`) for TRL: columns
+    "prompt" (text) and "answer" (the value's token id), in random order.
+
+    Each row's distance is drawn uniformly from `distances` (inclusive) and preceded by
+    `distances[1] - distance` fillers, so every prompt has `distances[1] + 5` tokens: TRL
+    then pads nothing and each batch runs as one call (left padding works, but costs one
+    call per prompt length). This is the longest-offset layout of `passkey_batch` with
+    seq_len = distances[1] + 6, what `training.train_passkey` trains on.
+    """
+    from datasets import Dataset  # part of the "hf" extra; only TRL runs need it
+
+    low, high = distances
+    if not (isinstance(n, int) and n >= 1 and 1 <= low <= high):
+        raise ValueError(f"need n >= 1 and 1 <= distances[0] <= distances[1], got n={n!r}, distances={distances!r}")
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(torch.randint(0, high - low + 1, (n,), generator=g), minlength=high - low + 1)
+    prompts, answers = [], []
+    for distance, count in zip(range(low, high + 1), counts.tolist()):
+        if count:
+            batch = passkey_prompts(count, distance, prefix=high - distance, n_values=n_values, generator=g)
+            prompts += [" ".join(TOKENS[i] for i in row) for row in batch["prompt_ids"].tolist()]
+            answers += batch["answers"].tolist()
+    order = torch.randperm(n, generator=g).tolist()
+    return Dataset.from_dict({"prompt": [prompts[i] for i in order], "answer": [answers[i] for i in order]})
+
+
+def recall_reward_func(completion_ids: Sequence[Sequence[int]], answer: Sequence[int], **kwargs: Any) -> list[float]:
+    """TRL reward function: 1.0 where a completion starts with its row's answer (`tasks.recall_reward`).
+
+    TRL passes the dataset's "answer" column and the sampled `completion_ids` by name.
+    """
+    first = torch.tensor([[ids[0] if len(ids) else PAD] for ids in completion_ids])
+    present = torch.tensor([[len(ids) > 0] for ids in completion_ids])
+    return recall_reward(first, torch.as_tensor(answer), present).tolist()
+
+
+def grpo_config(output_dir: str, **overrides: Any) -> GRPOConfig:
+    """A `trl.GRPOConfig` that suits a small TitansForCausalLM on any device; `overrides` win.
+
+    TRL's defaults target billion-parameter models on GPUs. We set: fp32 (bf16=False: the
+    memory's inner loop runs in fp32 anyway), no gradient checkpointing (TitansLM has its
+    own, `TitansConfig.checkpoint_memory`), `use_cpu` when `pick_device()` is the CPU, no
+    reporting and no checkpoints. Still TRL's: lr 1e-6 (tiny models need ~1e-3), 8
+    generations per prompt, 512 completion tokens; set them for your task.
+    """
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    no_checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    settings = {"output_dir": output_dir, "bf16": False, no_checkpointing: False,
+                "use_cpu": pick_device().type == "cpu", "report_to": "none", "save_strategy": "no",
+                "logging_steps": 1}
+    return GRPOConfig(**{**settings, **overrides})
+
+
+# --------------------------------------------------------------------------- GRPO under TRL
+
+# What TitansGRPOTrainer relies on in trl.GRPOTrainer: methods with these parameters ...
+_TRL_METHODS = {
+    "_compute_loss": ["self", "model", "inputs"],
+    "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+    "_generate_and_score_completions": ["self", "inputs"],
+}
+# ... attributes its __init__ sets, and GRPOConfig fields.
+_TRL_ATTRIBUTES = ("epsilon_low", "epsilon_high", "beta", "loss_type", "temperature", "num_generations",
+                   "max_completion_length", "reward_weights", "scale_rewards", "multi_objective_aggregation",
+                   "importance_sampling_level", "top_entropy_quantile", "off_policy_mask_threshold", "use_vllm",
+                   "tools", "_entropy_bonus_enabled", "_metrics", "accelerator")
+_TRL_CONFIG_FIELDS = ("delta", "use_bias_correction_kl", "steps_per_generation")
+_SUPPORTED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def check_trl_interface(trainer: GRPOTrainer | None = None) -> None:
+    """Raise RuntimeError naming the tested versions if trl moved what TitansGRPOTrainer overrides."""
+    problems = []
+    for name, params in _TRL_METHODS.items():
+        method = getattr(GRPOTrainer, name, None)
+        if method is None:
+            problems.append(f"GRPOTrainer.{name} is gone")
+        elif list(inspect.signature(method).parameters) != params:
+            problems.append(f"GRPOTrainer.{name}{inspect.signature(method)} is not ({', '.join(params)})")
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    problems += [f"GRPOConfig has no field {f}" for f in _TRL_CONFIG_FIELDS if f not in fields]
+    if trainer is not None:
+        problems += [f"GRPOTrainer has no attribute {a}" for a in _TRL_ATTRIBUTES if not hasattr(trainer, a)]
+    if problems:
+        raise RuntimeError(
+            f"TitansGRPOTrainer was written for trl {TESTED_VERSIONS['trl']} (transformers "
+            f"{TESTED_VERSIONS['transformers']}); installed: trl {trl.__version__}, transformers "
+            f"{transformers.__version__}. " + "; ".join(problems)
+            + f'. Install the tested version: pip install "trl=={TESTED_VERSIONS["trl"]}"')
+
+
+class TitansGRPOTrainer(GRPOTrainer):
+    """trl.GRPOTrainer with the GRPO math of `titans_mini.grpo`.
+
+    TRL keeps everything around the math: sampling with `generate`, reward functions,
+    batching, the optimiser, logging. We compute
+      advantages  A_i = (r_i - mean_group r) / (std_group r + 1e-4)      `group_advantages`
+      per token   -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)    `clipped_surrogate`
+                  + beta * k3 KL to the reference policy                 `k3_kl`
+      reduction   grpo / dr_grpo / dapo (bnpo: dapo over the micro-batch) `aggregate`
+    with log pi(o_t | q, o_<t) from the model's own logits (TRL uses a fused head over the
+    backbone). tests/test_hf.py checks that loss and gradient equal TRL's on the same batch.
+
+    Supported: loss_type in grpo, bnpo, dr_grpo, dapo; scale_rewards="group"; token-level
+    importance sampling; use_bias_correction_kl (KL weighted by rho, as TRL does); not vLLM,
+    tools, entropy masks or bonus, off-policy masks, two-sided clipping (delta).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        check_trl_interface()
+        super().__init__(*args, **kwargs)
+        check_trl_interface(self)
+        unsupported = {
+            "loss_type": self.loss_type not in _SUPPORTED_LOSSES,
+            "scale_rewards": self.scale_rewards != "group",
+            "multi_objective_aggregation": self.multi_objective_aggregation != "sum_then_normalize",
+            "importance_sampling_level": self.importance_sampling_level != "token",
+            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+            "use_vllm": self.use_vllm,
+            "tools": bool(self.tools),
+            "entropy_coef": self._entropy_bonus_enabled,
+            "delta": self.args.delta is not None,
+        }
+        if any(unsupported.values()):
+            bad = ", ".join(f"{k}={getattr(self.args, k, None)!r}" for k, v in unsupported.items() if v)
+            raise ValueError(f"TitansGRPOTrainer supports loss_type in {_SUPPORTED_LOSSES}, scale_rewards='group' "
+                             f"and the defaults of the other GRPOConfig options; got {bad}")
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._last_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._last_rewards
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL samples and scores; the advantages are recomputed with `group_advantages`."""
+        output = super()._generate_and_score_completions(inputs)
+        if not self.model.training:  # evaluation may use one generation per prompt: keep TRL's
+            return output
+        if torch.isnan(self._last_rewards).all(1).any():
+            raise ValueError("a completion got no reward (every reward function returned None)")
+        rewards = (self._last_rewards * self.reward_weights.to(self._last_rewards.device)).nansum(1)
+        advantages = group_advantages(rewards, self.num_generations)  # rewards of every process
+        here = self.accelerator.process_index * len(inputs)
+        output["advantages"] = advantages[here:here + len(inputs)].to(output["advantages"])
+        return output
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+        completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], 1)
+        attention_mask = torch.cat([inputs["prompt_mask"], mask], 1)
+        # the logit at position Lp - 1 + t predicts o_t: keep the last T + 1, drop the final one
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=completion_ids.shape[1] + 1).logits[:, :-1]
+        logp = (logits.float() / self.temperature).log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
+        old_logp = inputs.get("old_per_token_logps")
+        old_logp = logp.detach() if old_logp is None else old_logp  # one step per batch: rho = 1
+
+        token_loss, is_clipped = clipped_surrogate(logp, old_logp, inputs["advantages"], self.epsilon_low,
+                                                   self.epsilon_high)
+        mode = "train" if self.model.training else "eval"
+        m = mask.to(logp.dtype)
+        if self.beta != 0.0:
+            kl = k3_kl(logp, inputs["ref_per_token_logps"])
+            if self.args.use_bias_correction_kl:  # DeepSeek-V3.2: rho * k3 is unbiased for the reverse KL
+                kl = kl * torch.exp(logp - old_logp)
+            token_loss = token_loss + self.beta * kl
+            self._metrics[mode]["kl"].append(((kl * m).sum() / m.sum().clamp(min=1)).item())
+        self._metrics[mode]["clip_ratio/region_mean"].append(((is_clipped * m).sum() / m.sum().clamp(min=1)).item())
+
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        if self.loss_type in ("grpo", "dr_grpo"):
+            return aggregate(token_loss, mask, self.loss_type, self.max_completion_length) / accumulation
+        if self.loss_type == "bnpo":  # TRL's bnpo: a token mean over this micro-batch
+            return aggregate(token_loss, mask, "dapo") / accumulation
+        # dapo: a token mean over the whole generation batch, which TRL splits into
+        # steps_per_generation micro-batches; rescale our micro-batch mean to that normaliser
+        normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normaliser = normaliser * accumulation / self.args.steps_per_generation
+        return aggregate(token_loss, mask, "dapo") * m.sum().clamp(min=1) / normaliser
