@@ -6,13 +6,22 @@ Modules, one idea each:
     chunked        the parallel chunked update: mini-batch gradient descent (eq 16-18)
     neural_memory  NeuralMemory, the memory as a layer (section 3.1, 4.4)
     attention      causal / sliding-window attention with persistent memory (eq 19)
+    config         TitansConfig: one validated object for every model choice
+    models         TitansLM with MAC, MAG, MAL (eq 21-31), the memory alone, an SWA baseline
     tasks          generated recall tasks (passkey, MQAR) and their rewards
+    training       supervised passkey training and evaluation
+    checkpoint     save / load a TitansLM (weights_only=True); ASSETS, the shipped files
     grpo           group-relative policy optimisation from scratch
+    recall_rl      GRPO on the passkey task: pre-train, measure, fine-tune, measure
     device         pick_device, seed_everything
+    hf             Transformers / TRL integration (needs the "hf" extra; never imported here)
 """
 
+from .config import TitansConfig
 from .memory import MemoryState, memory_forward, per_token_memory, surprise
+from .models import TitansLM
 from .neural_memory import NeuralMemory
 
 __version__ = "0.1.0"
-__all__ = ["MemoryState", "NeuralMemory", "memory_forward", "per_token_memory", "surprise"]
+__all__ = ["MemoryState", "NeuralMemory", "TitansConfig", "TitansLM", "memory_forward", "per_token_memory",
+           "surprise"]

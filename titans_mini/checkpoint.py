@@ -1,5 +1,8 @@
 """Save and load a `TitansLM`: its config and weights in one file, loaded with `weights_only=True`.
 
+`ASSETS` is the folder of files shipped inside the package (so they exist on Colab too):
+the passkey model and results of `benchmarks/passkey.py` that notebook 05 loads.
+
 `torch.load(weights_only=True)` unpickles only tensors and plain containers, so a
 checkpoint from someone else cannot run code on your machine. The config travels as a
 plain dict and is validated again on load.
@@ -7,12 +10,15 @@ plain dict and is validated again on load.
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 
 from .config import TitansConfig
 from .models import TitansLM
+
+ASSETS = files("titans_mini") / "assets"
 
 
 def save_checkpoint(model: TitansLM, path: str | Path, **extra: int | float | str) -> None:

@@ -41,15 +41,22 @@ class NeuralMemory(nn.Module):
         v_l2norm: l2-normalised values too (paper: not normalised; see below).
         momentum, forgetting: False pins eta = 0 or alpha = 0 (ablations of table 5).
         theta_max: the largest inner learning rate; None = 1 / (4 chunk_size) (see below).
+        eta_max: the largest momentum gate (see below).
         theta_init, eta_init, alpha_init: the gates' values at initialisation
             (theta_init None = theta_max / 2).
         checkpoint_chunks: recompute each chunk in backward (chunked path), so training
             memory grows with the chunk size, not the sequence length; off is faster.
 
     Gates (paper: "functions of x_t", no formula given): we use one linear map of x_t to
-    three logits, theta_t = theta_max * sigmoid(.), eta_t = sigmoid(.), alpha_t = sigmoid(.),
-    with zero weights and biases set so each gate starts at its *_init value. Sigmoids
-    keep eta and alpha in [0, 1] as eq 10 and 13 require.
+    three logits, theta_t = theta_max * sigmoid(.), eta_t = eta_max * sigmoid(.),
+    alpha_t = sigmoid(.), with zero weights and biases set so each gate starts at its
+    *_init value. Sigmoids keep eta and alpha in [0, 1] as eq 10 and 13 require.
+
+    Why eta_max = 0.9 (paper: eta in [0, 1]). Momentum sums past steps: with a constant
+    eta a repeated surprise moves the memory by theta / (1 - eta) per token, 10x theta at
+    eta = 0.9 but 200x at 0.995. Training pushes eta towards 1 (a long memory of surprise
+    helps recall), and in our passkey runs the deep memory of the second layer then
+    diverged within two chunks (weights from 15 to 10^4, then inf) after 200 steps.
 
     Why theta_max = 1 / (4 chunk_size) (paper: unspecified). For a unit key k, one step
     of eq 12 shrinks the error M k - v by (1 - 2 theta): stable for theta < 1. The
@@ -91,6 +98,7 @@ class NeuralMemory(nn.Module):
         forgetting: bool = True,
         theta_max: float | None = None,
         theta_init: float | None = None,
+        eta_max: float = 0.9,
         eta_init: float = 0.5,
         alpha_init: float = 0.01,
         checkpoint_chunks: bool = True,
@@ -105,13 +113,15 @@ class NeuralMemory(nn.Module):
         theta_init = theta_max / 2 if theta_init is None else theta_init
         if not theta_max > 0:
             raise ValueError(f"theta_max must be > 0, got {theta_max!r}")
-        for name, value, high in (("theta_init", theta_init, theta_max), ("eta_init", eta_init, 1.0), ("alpha_init", alpha_init, 1.0)):
+        if not 0 < eta_max <= 1:
+            raise ValueError(f"eta_max must lie in (0, 1], got {eta_max!r}")
+        for name, value, high in (("theta_init", theta_init, theta_max), ("eta_init", eta_init, eta_max), ("alpha_init", alpha_init, 1.0)):
             if not 0 < value < high:
                 raise ValueError(f"{name} must lie strictly between 0 and {high}, got {value!r}")
         self.dim, self.depth, self.chunk_size = dim, depth, chunk_size
         self.conv_kernel, self.qkv_silu, self.qk_l2norm = conv_kernel, qkv_silu, qk_l2norm
         self.v_l2norm = v_l2norm
-        self.momentum, self.forgetting, self.theta_max = momentum, forgetting, theta_max
+        self.momentum, self.forgetting, self.theta_max, self.eta_max = momentum, forgetting, theta_max, eta_max
         self.checkpoint_chunks = checkpoint_chunks
 
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -119,7 +129,7 @@ class NeuralMemory(nn.Module):
         self.to_gates = nn.Linear(dim, 3)
         nn.init.zeros_(self.to_gates.weight)
         with torch.no_grad():
-            self.to_gates.bias.copy_(torch.logit(torch.tensor([theta_init / theta_max, eta_init, alpha_init])))
+            self.to_gates.bias.copy_(torch.logit(torch.tensor([theta_init / theta_max, eta_init / eta_max, alpha_init])))
 
         widths = [dim] + [expansion * dim] * (depth - 1) + [dim]
         self.initial_weights = nn.ParameterList(
@@ -151,7 +161,7 @@ class NeuralMemory(nn.Module):
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """theta_t, eta_t, alpha_t, each (B, T): data-dependent (section 3.2)."""
         theta, eta, alpha = torch.sigmoid(self.to_gates(x)).unbind(-1)
-        theta = self.theta_max * theta
+        theta, eta = self.theta_max * theta, self.eta_max * eta
         eta = eta if self.momentum else torch.zeros_like(eta)
         alpha = alpha if self.forgetting else torch.zeros_like(alpha)
         return theta, eta, alpha
