@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {Budget.steps})")
     parser.add_argument("--only", choices=("variants", "ablations"), default=None)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["swa", "lmm", "mac", "mag", "mal"])
     parser.add_argument("--ablate", default="lmm", choices=VARIANTS[:-1], help="variant the ablations change")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     parser.add_argument("--quick", action="store_true", help="20 steps, distances 2..24: checks the script runs")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         budget = Budget(steps=args.steps, distances=budget.distances)
     jobs = []
     if args.only != "ablations":
-        for variant in ("swa", "lmm", "mac", "mag", "mal"):
+        for variant in args.variants:
             for seed in args.seeds:
                 save = f"{args.save}/{variant}.pt" if args.save and seed == args.seeds[0] else None
                 jobs.append((variant, BASE.replace(variant=variant), budget, seed, save))
