@@ -28,7 +28,7 @@ import argparse
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,6 +64,7 @@ class Budget:
     distances: tuple[int, int] = (2, 64)
     slack: int = 16  # filler beyond the longest distance: the needle's position varies by this much
     curriculum: float = 0.5
+    distractors: int = 0  # other key/value pairs between needle and question (`training.pairs_at`)
 
 
 def run(name: str, config: TitansConfig, budget: Budget, seed: int, save: str | None = None) -> dict:
@@ -74,9 +75,11 @@ def run(name: str, config: TitansConfig, budget: Budget, seed: int, save: str | 
     start = time.perf_counter()
     history = train_passkey(model, budget.steps, distances=budget.distances, batch_size=budget.batch_size,
                             seq_len=budget.distances[1] + 6 + budget.slack, lr=budget.lr,
-                            curriculum=budget.curriculum, seed=seed, progress=False)
+                            curriculum=budget.curriculum, distractors=budget.distractors, seed=seed,
+                            progress=False)
     seconds = time.perf_counter() - start
-    accuracy = {d: passkey_accuracy(model, d, seq_len=d + 6 + budget.slack, seed=10_000 + seed)
+    accuracy = {d: passkey_accuracy(model, d, seq_len=d + 6 + budget.slack, seed=10_000 + seed,
+                                    distractors=budget.distractors)
                 for d in EVAL_DISTANCES}
     if save:
         save_checkpoint(model, save, steps=budget.steps, seed=seed)
@@ -109,14 +112,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["swa", "lmm", "mac", "mag", "mal"])
     parser.add_argument("--ablate", default="lmm", choices=VARIANTS[:-1], help="variant the ablations change")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
+    parser.add_argument("--distractors", type=int, default=0,
+                        help="other key/value pairs between needle and question (a harder task; default 0)")
     parser.add_argument("--quick", action="store_true", help="20 steps, distances 2..24: checks the script runs")
     parser.add_argument("--json", default=None, help="write every record to this file")
     parser.add_argument("--save", default=None, help="folder: save each variant's first-seed model as <variant>.pt")
     args = parser.parse_args(argv)
 
     budget = Budget(steps=20, distances=(2, 24)) if args.quick else Budget()
-    if args.steps:
-        budget = Budget(steps=args.steps, distances=budget.distances)
+    budget = replace(budget, steps=args.steps or budget.steps, distractors=args.distractors)
     jobs = []
     if args.only != "ablations":
         for variant in args.variants:
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              BASE.replace(variant=args.ablate, **change), budget, seed, None))
     print(f"passkey: {len(jobs)} runs, {budget.steps} steps x batch {budget.batch_size}, lr {budget.lr}, "
           f"distances {budget.distances[0]}..{budget.distances[1]} (curriculum {budget.curriculum}), "
+          f"{budget.distractors} distractor pairs, "
           f"window {BASE.window}; chance = 1/64 = 0.016", flush=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             label = args.ablate if name == "full" else f"{args.ablate} {name}"
             rows = [r for r in records if r["name"] == label]
             ours = sum(beyond(r) for r in rows) / len(rows)
-            print(f"{name:<16} ours {100 * ours:5.1f}   paper {paper:5.1f}")
+            loss = sum(r["final_loss"] for r in rows) / len(rows)
+            print(f"{name:<16} ours {100 * ours:5.1f} (final loss {loss:.3f})   paper {paper:5.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"budget": budget.__dict__, "eval_distances": EVAL_DISTANCES, "reach": REACH,

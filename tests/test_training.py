@@ -56,3 +56,13 @@ def test_ablations_of_the_memory_alone_skip_persistent_tokens():
     assert "no persistent" in passkey.ablations("mac")
     for name, (change, _) in passkey.ablations("mac").items():
         TitansConfig(variant="mac").replace(**change)  # every ablation is a valid config
+
+
+def test_distractor_pairs_fit_between_needle_and_question():
+    from titans_mini.tasks import KEY, passkey_batch
+    from titans_mini.training import pairs_at
+    assert [pairs_at(d, 4) for d in (1, 3, 4, 7, 13, 64)] == [1, 1, 2, 3, 5, 5]
+    assert pairs_at(64, 0) == 1
+    for distance in (4, 10, 40):
+        batch = passkey_batch(8, distance, n_pairs=pairs_at(distance, 4), generator=torch.Generator().manual_seed(0))
+        assert ((batch["input_ids"] == KEY).sum(1) == pairs_at(distance, 4)).all()  # passkey_batch builds them

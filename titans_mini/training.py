@@ -36,9 +36,16 @@ def curriculum_distance(step: int, steps: int, distances: tuple[int, int], curri
     return int(torch.randint(low, max(low, top) + 1, (1,), generator=generator))
 
 
+def pairs_at(distance: int, distractors: int) -> int:
+    """Key/value pairs in a passkey row: the needle plus up to `distractors` other pairs,
+    as many as fit between needle and question (each takes 3 tokens)."""
+    return 1 + min(distractors, (distance - 1) // 3)
+
+
 def train_passkey(model: nn.Module, steps: int, *, distances: tuple[int, int], seq_len: int,
-                  batch_size: int = 32, lr: float = 3e-3, curriculum: float = 0.0, seed: int = 0,
-                  progress: bool = True, device: torch.device | str | None = None) -> list[dict[str, float]]:
+                  batch_size: int = 32, lr: float = 3e-3, curriculum: float = 0.0, distractors: int = 0,
+                  seed: int = 0, progress: bool = True,
+                  device: torch.device | str | None = None) -> list[dict[str, float]]:
     """Train `model` on passkey batches with AdamW and a one-cycle learning rate.
 
     Each step draws a distance (`curriculum_distance`) and a batch of rows of length
@@ -47,6 +54,8 @@ def train_passkey(model: nn.Module, steps: int, *, distances: tuple[int, int], s
     after a plateau at chance, and the plateau is long when every row is long. A model
     that first finds the needle at short distances escapes it sooner (in our runs MAC,
     MAG and MAL stayed at chance for 300+ steps on distances 2..64 from the start).
+    `distractors` > 0 puts other `<key> k' v'` pairs between needle and question
+    (`pairs_at`): the memory must then recall by key, not just the last value it saw.
     A step whose gradient is not finite is skipped (as mixed-precision training does).
     Returns per-step loss, accuracy, distance and whether the step was skipped.
     """
@@ -66,7 +75,8 @@ def train_passkey(model: nn.Module, steps: int, *, distances: tuple[int, int], s
     history = []
     for step in tqdm(range(steps), disable=not progress, desc="train", leave=False):
         distance = curriculum_distance(step, steps, distances, curriculum, generator)
-        batch = passkey_batch(batch_size, distance, seq_len=seq_len - (high - distance), generator=generator)
+        batch = passkey_batch(batch_size, distance, seq_len=seq_len - (high - distance),
+                              n_pairs=pairs_at(distance, distractors), generator=generator)
         loss, accuracy = passkey_loss(model, {k: v.to(device) for k, v in batch.items()})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -82,9 +92,11 @@ def train_passkey(model: nn.Module, steps: int, *, distances: tuple[int, int], s
 
 @torch.no_grad()
 def passkey_accuracy(model: nn.Module, distance: int, *, seq_len: int, n: int = 256, seed: int = 1234,
-                     device: torch.device | str | None = None) -> float:
-    """Greedy answer accuracy on `n` fresh passkey rows at `distance` (chance: 1/64)."""
+                     distractors: int = 0, device: torch.device | str | None = None) -> float:
+    """Greedy answer accuracy on `n` fresh passkey rows at `distance` (chance: 1/64),
+    with `pairs_at(distance, distractors)` key/value pairs per row."""
     device = device or next(model.parameters()).device
-    batch = passkey_batch(n, distance, seq_len=seq_len, generator=torch.Generator().manual_seed(seed))
+    batch = passkey_batch(n, distance, seq_len=seq_len, n_pairs=pairs_at(distance, distractors),
+                          generator=torch.Generator().manual_seed(seed))
     logits, _ = model(batch["input_ids"].to(device))
     return answer_accuracy(logits, batch["targets"].to(device)).item()
