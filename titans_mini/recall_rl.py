@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .config import TitansConfig
 from .grpo import GRPOSettings, grpo_step, make_optimizer
 from .tasks import passkey_batch, passkey_prompts, recall_reward
-from .training import passkey_loss
+from .training import supervised_step
 
 TEST_SEED, VALIDATION_SEED = 1234, 4321  # held-out prompt sets, the same for every model seed
 
@@ -102,7 +102,7 @@ def recall_accuracy(model: nn.Module, prompts: Tensor, answers: Tensor, samples:
 def pretrain(model: nn.Module, setup: RecallSetup, seed: int, progress: bool = False) -> int:
     """Supervised pre-training, stopped early; returns the number of steps taken.
 
-    Cross-entropy at the answer only (`training.passkey_loss`), AdamW at a constant
+    Cross-entropy at the answer only (`training.supervised_step`), AdamW at a constant
     learning rate, batches of `passkey_batch` with the value at position 3, as in the
     prompts. A curriculum: the first `warmup_steps` at `warmup_distance` (inside the
     window, where attention learns to read a value out), then alternating steps at
@@ -121,11 +121,7 @@ def pretrain(model: nn.Module, setup: RecallSetup, seed: int, progress: bool = F
         warming = step <= setup.warmup_steps
         distance = setup.warmup_distance if warming or step % 2 else setup.distance
         batch = passkey_batch(setup.batch_size, distance, generator=generator)
-        loss, _ = passkey_loss(model, {k: v.to(device) for k, v in batch.items()})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        supervised_step(model, optimizer, batch, device)
         bar.update()
         if not warming and step % setup.check_every == 0:
             expected = recall_accuracy(model, *validation)["expected"]

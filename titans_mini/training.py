@@ -22,10 +22,24 @@ def passkey_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     return loss, answer_accuracy(logits, batch["targets"])
 
 
+def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                    device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One AdamW step on `passkey_loss`, gradients clipped to norm 1. A step whose gradient
+    is not finite is skipped (as mixed-precision training does): an inner-loop overflow
+    anywhere would otherwise poison every weight. Returns loss, accuracy, skipped."""
+    loss, accuracy = passkey_loss(model, {k: v.to(device) for k, v in batch.items()})
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    skipped = not torch.isfinite(nn.utils.clip_grad_norm_(model.parameters(), 1.0)).item()
+    if not skipped:
+        optimizer.step()
+    return loss, accuracy, skipped
+
+
 def curriculum_distance(step: int, steps: int, distances: tuple[int, int], curriculum: float,
                         generator: torch.Generator) -> int:
     """The needle distance of one training step: uniform in [low, top], where `top` grows
-    geometrically from min(4, high) to `high` over the first `curriculum` fraction of the
+    geometrically from 4 (or `low`, if larger; at most `high`) to `high` over the first `curriculum` fraction of the
     steps (curriculum 0: top = high from the start)."""
     low, high = distances
     if curriculum > 0:
@@ -56,8 +70,7 @@ def train_passkey(model: nn.Module, steps: int, *, distances: tuple[int, int], s
     MAG and MAL stayed at chance for 300+ steps on distances 2..64 from the start).
     `distractors` > 0 puts other `<key> k' v'` pairs between needle and question
     (`pairs_at`): the memory must then recall by key, not just the last value it saw.
-    A step whose gradient is not finite is skipped (as mixed-precision training does).
-    Returns per-step loss, accuracy, distance and whether the step was skipped.
+    Non-finite steps are skipped (`supervised_step`). Returns per-step loss, accuracy, distance and whether the step was skipped.
     """
     low, high = distances
     if not 1 <= low <= high or seq_len < high + 6:
@@ -77,15 +90,9 @@ def train_passkey(model: nn.Module, steps: int, *, distances: tuple[int, int], s
         distance = curriculum_distance(step, steps, distances, curriculum, generator)
         batch = passkey_batch(batch_size, distance, seq_len=seq_len - (high - distance),
                               n_pairs=pairs_at(distance, distractors), generator=generator)
-        loss, accuracy = passkey_loss(model, {k: v.to(device) for k, v in batch.items()})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if torch.isfinite(grad_norm):  # an overflow anywhere would poison every weight: skip that step
-            optimizer.step()
+        loss, accuracy, skipped = supervised_step(model, optimizer, batch, device)
         schedule.step()
-        history.append({"loss": loss.item(), "accuracy": accuracy.item(), "distance": distance,
-                        "skipped": not torch.isfinite(grad_norm).item()})
+        history.append({"loss": loss.item(), "accuracy": accuracy.item(), "distance": distance, "skipped": skipped})
     model.eval()
     return history
 
