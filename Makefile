@@ -1,46 +1,81 @@
 # titans-mini: `make lab` to learn, `make test` to check everything, `make gpu-check` on a GPU.
 #
 # `make venv` (run by the others) creates .venv the first time and reinstalls when
-# pyproject.toml or constraints-cpu.txt changes:
+# pyproject.toml, constraints-cpu.txt or requirements-lock.txt changes:
 #   - GPU present (nvidia-smi works) or your python already has torch (Colab, conda):
-#     the venv sees your site-packages and keeps your torch;
-#   - otherwise (CPU only): torch's CPU build, pinned by constraints-cpu.txt, so pip
-#     never pulls the multi-GB CUDA packages.
+#     the venv sees your site-packages and keeps your torch and your versions;
+#   - otherwise (CPU only): torch's CPU build (constraints-cpu.txt), so pip never pulls the
+#     multi-GB CUDA packages, and every other package at the version we tested
+#     (requirements-lock.txt), when your Python is the one the lock was made for. On another
+#     Python it says so and installs the newest versions pyproject.toml allows.
+# `make lock` remakes requirements-lock.txt (uv pip compile); `make test-latest` runs the tests
+# in .venv-latest with the newest versions pyproject.toml allows, without the lock.
 
 PYTHON ?= python3
 VENV := .venv
-BIN := $(VENV)/bin
-STAMP := $(VENV)/.titans-mini-installed
+LATEST := .venv-latest
+LOCK := requirements-lock.txt
+LOCK_PYTHON := 3.11
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+LOCKED := $(if $(filter $(LOCK_PYTHON),$(PY_VERSION)),-c $(LOCK))
 PYTEST_NB := --nbval-lax --nbval-cell-timeout=600
+TESTS = tests $(wildcard notebooks) $(PYTEST_NB)
 
-.PHONY: venv lab test gpu-check
+.PHONY: venv lab test test-latest lock gpu-check
 
-venv: $(STAMP)
-
-$(STAMP): pyproject.toml constraints-cpu.txt
+# $(call install,VENV,CPU PIP OPTIONS): create VENV and install titans-mini with its dev and hf extras.
+define install
 	@set -e; \
 	if nvidia-smi >/dev/null 2>&1 || $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
-		echo "make venv: GPU or an installed torch found: keeping your torch"; \
-		[ -x $(BIN)/python ] || $(PYTHON) -m venv --system-site-packages $(VENV); \
-		$(BIN)/python -m pip install -e ".[dev,hf]"; \
+		echo "make: GPU or an installed torch found: keeping your torch and your versions"; \
+		[ -x $(1)/bin/python ] || $(PYTHON) -m venv --system-site-packages $(1); \
+		$(1)/bin/python -m pip install -e ".[dev,hf]"; \
 	else \
-		echo "make venv: CPU only: torch's CPU build (constraints-cpu.txt)"; \
-		[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV); \
-		if ! $(BIN)/python -c "import torch" >/dev/null 2>&1 && \
-		   $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=5)" >/dev/null 2>&1; then \
-			$(BIN)/python -m pip install -c constraints-cpu.txt torch --extra-index-url $(TORCH_CPU_INDEX); \
+		echo "make: CPU only: torch's CPU build (constraints-cpu.txt)"; \
+		[ -x $(1)/bin/python ] || $(PYTHON) -m venv $(1); \
+		if ! $(1)/bin/python -c "import torch" >/dev/null 2>&1 && \
+		   $(1)/bin/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=5)" >/dev/null 2>&1; then \
+			$(1)/bin/python -m pip install -c constraints-cpu.txt torch --extra-index-url $(TORCH_CPU_INDEX); \
 		fi; \
-		$(BIN)/python -m pip install -c constraints-cpu.txt -e ".[dev,hf]"; \
+		$(1)/bin/python -m pip install -c constraints-cpu.txt $(2) -e ".[dev,hf]"; \
 	fi
-	@touch $(STAMP)
+endef
+
+venv: $(VENV)/.titans-mini-installed
+
+$(VENV)/.titans-mini-installed: pyproject.toml constraints-cpu.txt $(LOCK)
+	$(if $(LOCKED),,@echo "make: $(LOCK) was made for Python $(LOCK_PYTHON), this is $(PY_VERSION):" \
+		"installing the newest versions pyproject.toml allows (not the tested set)")
+	$(call install,$(VENV),$(LOCKED))
+	@touch $@
 
 lab: venv
-	$(BIN)/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/
 
 # Unit tests and every notebook (re-executed in a fresh kernel) in one pytest run.
 test: venv
-	$(BIN)/python -m pytest tests $(wildcard notebooks) $(PYTEST_NB)
+	$(VENV)/bin/python -m pytest $(TESTS)
+
+# The same tests against the newest releases pyproject.toml allows (a new venv, no lock):
+# what a learner's `pip install` gets today. Run weekly by .github/workflows/latest.yml.
+test-latest:
+	rm -rf $(LATEST)
+	$(call install,$(LATEST),)
+	@$(LATEST)/bin/python -c "from importlib.metadata import version as v; \
+		print('test-latest:', ', '.join(f'{p} {v(p)}' for p in \
+		('torch', 'transformers', 'trl', 'datasets', 'accelerate', 'tokenizers', 'numpy', 'nbval', 'pytest')))"
+	$(LATEST)/bin/python -m pytest $(TESTS)
+
+# Remake the lock from pyproject.toml's ranges: the newest versions today, for Python $(LOCK_PYTHON),
+# torch left to constraints-cpu.txt (CPU) or to you (GPU). Then `make test` and commit it.
+lock:
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra hf --python-version $(LOCK_PYTHON) \
+		-c constraints-cpu.txt --no-emit-package torch --no-header --output-file $(LOCK) \
+		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url $(TORCH_CPU_INDEX) --index-strategy unsafe-best-match)
+	@sed -i '1i # The versions `make test` installs on a CPU-only machine with Python $(LOCK_PYTHON) (torch: constraints-cpu.txt).\n# Made by `make lock` (uv pip compile of pyproject.toml, extras dev and hf); used as pip constraints.' $(LOCK)
 
 gpu-check: venv
 	bash .ci/gpu-check

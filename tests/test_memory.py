@@ -1,5 +1,7 @@
 """The neural memory: eq 8-15 token by token, and NeuralMemory's contract."""
 
+import warnings
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -188,3 +190,23 @@ def test_state_detach_and_to():
     assert isinstance(cut, MemoryState) and not cut.weights[0].requires_grad
     assert cut.to(torch.float64).keys.dtype == torch.float64
     assert cut.pending == 2 and cut.batch_size == 1
+
+
+def test_theta_max_above_the_stability_bound_warns_and_does_diverge():
+    """The docstring's bound theta * chunk_size < 1 is real: a linear memory reading one
+    repeated token stays bounded just below it and blows up above it; above it, a warning
+    names the bound."""
+    x = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(0)).expand(1, 256, 16)
+    norms = {}
+    for theta_max in (0.9 / 8, 1.5 / 8):
+        torch.manual_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            memory = NeuralMemory(16, depth=1, chunk_size=8, theta_max=theta_max, theta_init=0.99 * theta_max,
+                                  momentum=False, forgetting=False)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert bool(messages) == (theta_max > 1 / 8)
+        assert all("1 / chunk_size = 0.125" in m for m in messages)
+        with torch.no_grad():
+            norms[theta_max] = memory(x.contiguous())[0][0, -1].norm().item()
+    assert norms[0.9 / 8] < 10 and not norms[1.5 / 8] < 1e6, norms

@@ -1,4 +1,4 @@
-"""pyproject.toml, environment.yml and constraints-cpu.txt describe the same installation."""
+"""pyproject.toml, environment.yml, constraints-cpu.txt and requirements-lock.txt describe the same installation."""
 import re
 import sys
 from pathlib import Path
@@ -63,3 +63,37 @@ def test_cpu_constraints_pin_torch():
     lines = [l.split("#")[0].strip() for l in (ROOT / "constraints-cpu.txt").read_text().splitlines()]
     pins = [l for l in lines if l and _name(l) == "torch"]
     assert len(pins) == 1 and re.fullmatch(r"torch==\d+\.\d+\.\d+", pins[0]), pins
+
+
+def _lock() -> dict[str, str]:
+    """requirements-lock.txt as {normalised name: exact version}."""
+    pins = {}
+    for line in (ROOT / "requirements-lock.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"requirements-lock.txt: {line!r} is not an exact pin"
+            pins[_name(name)] = version.strip()
+    return pins
+
+
+def test_lock_pins_every_dependency_within_pyproject_ranges():
+    from packaging.requirements import Requirement
+
+    project, lock = _pyproject(), _lock()
+    extras = project["optional-dependencies"]
+    for requirement in map(Requirement, project["dependencies"] + extras["dev"] + extras["hf"]):
+        name = _name(requirement.name)
+        if name == "torch":  # constraints-cpu.txt on a CPU, your own torch on a GPU
+            assert name not in lock
+            continue
+        assert name in lock, f"{name} is missing from requirements-lock.txt: run `make lock`"
+        assert lock[name] in requirement.specifier, f"locked {name}=={lock[name]} is outside {requirement}"
+
+
+def test_tested_versions_named_at_run_time_are_the_locked_ones():
+    pytest.importorskip("transformers", reason='the "hf" extra is not installed')
+    from titans_mini import hf
+
+    lock = _lock()
+    assert {name: lock[name] for name in hf.TESTED_VERSIONS} == hf.TESTED_VERSIONS

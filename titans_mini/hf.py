@@ -15,16 +15,19 @@ AutoModelForCausalLM, so a saved folder loads with `AutoModelForCausalLM.from_pr
 Two things a recurrent memory model does differently from a Transformer:
 
 Cache. Titans carries a *state* per layer (the memory weights and momentum of eq 13-14, the
-unfinished chunk, the attention window or segment), not a growing key/value cache. We pass
-that state as `past_key_values` (`TitansCache`): `generate` feeds one new token per step and
-the state continues exactly where the prompt left it (TitansLM guarantees that a stream cut
-anywhere continues as if uncut), so each new token costs the same however long the text.
-Why not `use_cache=False`: transformers would then re-read the whole sequence every step
-(same tokens, quadratic cost). Why not let transformers make a `DynamicCache`: it would feed
-only the last token to a model that then remembers nothing, and sample from the wrong
-distribution without any error. `use_cache=False` still works and gives the same tokens.
-The state cannot be cropped or reordered: assisted decoding is refused, and beam search
-runs only with `use_cache=False` (transformers says so if you forget).
+unfinished chunk, the attention window or segment), not a growing key/value cache. It
+travels through `generate` as the model's cache (`TitansCache`), so each new token costs the
+same however long the text (TitansLM guarantees that a stream cut anywhere continues as if
+uncut). Transformers has renamed that argument (`past_key_values` up to 5.23, `cache` from
+5.24), so we take it under either name and return it under the name of the installed
+version's output classes. The tokens to run are chosen by the model, not by `generate`:
+`prepare_inputs_for_generation` (the hook transformers documents for models with their own
+cache, as Mamba's used to be) feeds exactly the tokens the state has not read yet. So if a
+future transformers loses the cache between steps, the model re-reads the whole sequence:
+slower, never wrong (transformers would otherwise feed the last token alone and the model
+would continue from it, silently forgetting the prompt). `use_cache=False` gives the same
+tokens at quadratic cost. The state cannot be cropped or reordered: assisted decoding is
+refused, and beam search runs only with `use_cache=False` (transformers says so).
 
 Padding. A pad token is not harmless here: the memory would *learn* it (eq 12) and attention
 would see it. So `attention_mask` is honoured by running each row on its real tokens only:
@@ -44,7 +47,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-TESTED_VERSIONS = {"transformers": "5.23.0", "trl": "1.16.0", "datasets": "5.2.0", "accelerate": "1.15.0"}
+# The versions `make test` installs (requirements-lock.txt; tests/test_packaging.py keeps both equal).
+TESTED_VERSIONS = {"transformers": "5.24.0", "trl": "1.16.0", "datasets": "5.2.0", "accelerate": "1.15.0"}
+# TitansGRPOTrainer overrides private GRPOTrainer methods: it runs only on the trl releases
+# tested with it (transformers is used through its public interface and any version >= 5.23 works).
+TRL_TESTED_RANGE = (">=1.16.0", "<1.17")
 try:
     import transformers
     import trl
@@ -53,6 +60,7 @@ try:
                               PreTrainedModel, PreTrainedTokenizerFast)
     from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
     from trl import GRPOConfig, GRPOTrainer
+    from packaging.version import Version
 except ImportError as err:  # pragma: no cover - only without the extra
     raise ImportError('titans_mini.hf needs the "hf" extra: pip install "titans-mini[hf]" (tested with '
                       + ", ".join(f"{k} {v}" for k, v in TESTED_VERSIONS.items()) + ")") from err
@@ -104,7 +112,7 @@ class TitansHFConfig(PretrainedConfig):
 # --------------------------------------------------------------------------- cache and padding
 
 class TitansCache:
-    """`past_key_values` of a TitansForCausalLM: the TitansLM state of each group of rows.
+    """The cache of a TitansForCausalLM: the TitansLM state of each group of rows.
 
     groups: [(rows, state)]: `rows` (LongTensor) are the batch rows that had the same number
     of left pads, `state` is the TitansLM state after their real tokens.
@@ -120,6 +128,24 @@ class TitansCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
+
+
+def _output_cache_name(output_class: type) -> str:
+    """The field under which this transformers' outputs carry the cache, and `generate` reads
+    it back: "cache" from transformers 5.24, "past_key_values" before."""
+    names = {f.name for f in dataclasses.fields(output_class)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def _take_cache(cache: Any, past_key_values: Any) -> TitansCache | None:
+    """The cache passed under either name (`cache`, or the older `past_key_values`)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    cache = past_key_values if cache is None else cache
+    if cache is not None and not isinstance(cache, TitansCache):
+        raise TypeError(f"cache (past_key_values) must be None or the TitansCache this model returned, got "
+                        f"{type(cache).__name__}")
+    return cache
 
 
 def padding_groups(attention_mask: Tensor | None, batch: int, length: int,
@@ -185,27 +211,35 @@ class TitansModel(TitansPreTrainedModel):
         self.lm.embed = value
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values: TitansCache | None = None,
+                position_ids: Tensor | None = None, cache: TitansCache | None = None,
                 inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
-                **kwargs: Any) -> BaseModelOutputWithPast:
-        """position_ids are ignored: each row's positions start at its first real token."""
+                past_key_values: TitansCache | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
+        """position_ids are ignored: each row's positions start at its first real token.
+
+        cache (or its older name past_key_values): the TitansCache of an earlier call; the
+        input_ids then continue it. attention_mask covers the new tokens, or (as `generate`
+        passes it) the tokens the cache has seen followed by the new ones.
+        """
         if inputs_embeds is not None:
             raise ValueError("inputs_embeds is not supported: TitansModel reads token ids (input_ids)")
         if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a (batch, time >= 1) integer tensor, got "
                              f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}")
+        cache = _take_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         batch, length = input_ids.shape
-        if past_key_values is not None and not isinstance(past_key_values, TitansCache):
-            raise TypeError(f"past_key_values must be None or the TitansCache this model returned, got "
-                            f"{type(past_key_values).__name__}")
-        if past_key_values is None:
+        if cache is None:
             groups = [(rows, start, None) for rows, start in
                       padding_groups(attention_mask, batch, length, input_ids.device)]
-        else:  # continuing: generate extends the mask with ones, every new token is real
-            if attention_mask is not None and not attention_mask[:, -length:].bool().all():
-                raise ValueError("with past_key_values, the new tokens' attention_mask must be all ones")
-            groups = [(rows, 0, state) for rows, state in past_key_values.groups]
+        else:  # continuing: every new token is real
+            if attention_mask is not None:
+                if attention_mask.shape not in ((batch, length), (batch, cache.seen + length)):
+                    raise ValueError(f"with a cache that has seen {cache.seen} tokens, attention_mask must have shape "
+                                     f"({batch}, {length}) or ({batch}, {cache.seen + length}), got "
+                                     f"{tuple(attention_mask.shape)}")
+                if not attention_mask[:, -length:].bool().all():
+                    raise ValueError("with a cache, the new tokens' attention_mask must be all ones")
+            groups = [(rows, 0, state) for rows, state in cache.groups]
         if len(groups) == 1 and groups[0][1] == 0:  # no left padding: one batched call
             rows, _, state = groups[0]
             hidden, state = self.lm.hidden_states(input_ids, state)
@@ -218,9 +252,9 @@ class TitansModel(TitansPreTrainedModel):
                     hidden = h.new_zeros(batch, length, h.shape[-1])
                 hidden[rows, start:] = h
                 states.append((rows, state))
-        seen = 0 if past_key_values is None else past_key_values.seen
-        cache = TitansCache(states, seen + length) if use_cache else None
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+        seen = 0 if cache is None else cache.seen
+        new_cache = TitansCache(states, seen + length) if use_cache else None
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{_BASE_CACHE: new_cache})
 
 
 class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
@@ -263,12 +297,12 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         self.model.lm.head = value
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values: TitansCache | None = None,
+                position_ids: Tensor | None = None, cache: TitansCache | None = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
-                **kwargs: Any) -> CausalLMOutputWithPast:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+                past_key_values: TitansCache | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, Tensor) and logits_to_keep.ndim == 1:
             hidden = hidden[:, logits_to_keep]
@@ -284,8 +318,31 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
                                  f"logits_to_keep=0, got {tuple(labels.shape)}")
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_LM_CACHE: getattr(out, _BASE_CACHE)})
 
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                                      use_cache: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+        """What `generate` feeds the model at each step: the tokens the cache has not read yet.
+
+        transformers' default slices the last `next_sequence_length` tokens, trusting that the
+        cache it passes holds the rest; we read the cache's own count instead, so a step
+        without a cache re-reads the whole sequence rather than continuing from one token.
+        The cache comes under whichever name this transformers uses and goes on as `cache`.
+        """
+        cache = _take_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
+        for unused in ("next_sequence_length", "is_first_iteration", "position_ids", "cache_position"):
+            kwargs.pop(unused, None)
+        if cache is not None:
+            if input_ids.shape[1] <= cache.seen:
+                raise ValueError(f"generate with a cache needs the whole sequence: the cache has seen {cache.seen} "
+                                 f"tokens, input_ids has {input_ids.shape[1]}")
+            input_ids = input_ids[:, cache.seen:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache,
+                **kwargs}
+
+
+_BASE_CACHE = _output_cache_name(BaseModelOutputWithPast)
+_LM_CACHE = _output_cache_name(CausalLMOutputWithPast)
 
 AutoConfig.register(MODEL_TYPE, TitansHFConfig, exist_ok=True)
 AutoModel.register(TitansHFConfig, TitansModel, exist_ok=True)
@@ -379,8 +436,16 @@ _SUPPORTED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def check_trl_interface(trainer: GRPOTrainer | None = None) -> None:
-    """Raise RuntimeError naming the tested versions if trl moved what TitansGRPOTrainer overrides."""
-    problems = []
+    """Raise one RuntimeError, naming the installed and the tested versions, if the installed
+    trl is outside `TRL_TESTED_RANGE` or moved what TitansGRPOTrainer overrides.
+
+    Called when a TitansGRPOTrainer is built: an untested trl fails there, once, rather than
+    deep inside a training step (or, worse, trains on a silently different loss).
+    """
+    low, high = (Version(bound.lstrip("<>=")) for bound in TRL_TESTED_RANGE)
+    installed = Version(trl.__version__)
+    problems = [] if low <= installed < high else [f"trl {installed} is outside the tested range "
+                                                   f"{','.join(TRL_TESTED_RANGE)}"]
     for name, params in _TRL_METHODS.items():
         method = getattr(GRPOTrainer, name, None)
         if method is None:
@@ -393,10 +458,11 @@ def check_trl_interface(trainer: GRPOTrainer | None = None) -> None:
         problems += [f"GRPOTrainer has no attribute {a}" for a in _TRL_ATTRIBUTES if not hasattr(trainer, a)]
     if problems:
         raise RuntimeError(
-            f"TitansGRPOTrainer was written for trl {TESTED_VERSIONS['trl']} (transformers "
-            f"{TESTED_VERSIONS['transformers']}); installed: trl {trl.__version__}, transformers "
-            f"{transformers.__version__}. " + "; ".join(problems)
-            + f'. Install the tested version: pip install "trl=={TESTED_VERSIONS["trl"]}"')
+            f"TitansGRPOTrainer overrides private methods of trl.GRPOTrainer and was tested with trl "
+            f"{TESTED_VERSIONS['trl']} (transformers {TESTED_VERSIONS['transformers']}); installed: trl "
+            f"{trl.__version__}, transformers {transformers.__version__}. " + "; ".join(problems)
+            + f'. Install a tested trl: pip install "trl{",".join(TRL_TESTED_RANGE)}" (or use trl\'s own '
+            "GRPOTrainer with TitansForCausalLM)")
 
 
 class TitansGRPOTrainer(GRPOTrainer):

@@ -10,6 +10,7 @@ maps and the initial memory M_0; the inner loop learns the memory weights at tes
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -67,7 +68,8 @@ class NeuralMemory(nn.Module):
     A deep memory is more curved than that: in our passkey runs (dim 64, depth 2,
     chunk 8) training drove the gates up and the inner loop overflowed within 50 steps
     with a cap of 1 / (2b); with 1 / (4b) it trained to 100% recall. The outer loop can
-    still choose any theta below the cap.
+    still choose any theta below the cap. A theta_max above 1 / b is accepted (to see the
+    divergence) with a RuntimeWarning.
 
     Why unit values (paper: q and k are normalised, v is not). A linear memory's step
     is stable whatever the size of v, but a deep one's is not: the layer-1 gradient is
@@ -113,6 +115,11 @@ class NeuralMemory(nn.Module):
         theta_init = theta_max / 2 if theta_init is None else theta_init
         if not theta_max > 0:
             raise ValueError(f"theta_max must be > 0, got {theta_max!r}")
+        if theta_max > 1 / chunk_size:
+            warnings.warn(f"theta_max={theta_max!r} is above 1 / chunk_size = {1 / chunk_size:.4g}, the bound past which "
+                          "even a linear memory's chunked update can diverge (see the NeuralMemory docstring); a deep "
+                          f"memory trains stably below about 1 / (4 chunk_size) = {0.25 / chunk_size:.4g}, the default",
+                          RuntimeWarning, stacklevel=2)
         if not 0 < eta_max <= 1:
             raise ValueError(f"eta_max must lie in (0, 1], got {eta_max!r}")
         for name, value, high in (("theta_init", theta_init, theta_max), ("eta_init", eta_init, eta_max), ("alpha_init", alpha_init, 1.0)):
