@@ -1,6 +1,6 @@
 """GRPO on the mission's task: a small Titans model (MAC) recalls a passkey beyond its window.
 
-For each seed (`titans_mini.recall_rl` holds the pieces, shared with notebook 06):
+For each seed (`titans_mini.recall.rl` holds the pieces, shared with notebook 06):
   1. build a small `TitansLM` and pre-train it, supervised, on the passkey task
      (`recall_rl.pretrain`): first briefly at a distance inside the window, then
      alternating with the target distance, which is beyond it, and stop as soon as its
@@ -37,7 +37,7 @@ import torch
 
 from titans_mini.device import pick_device, seed_everything
 from titans_mini.models import TitansLM
-from titans_mini.recall_rl import TEST_SEED, RecallSetup, grpo_finetune, pretrain, prompt_set, recall_accuracy
+from titans_mini.recall.rl import TEST_SEED, RecallSetup, grpo_finetune, pretrain, prompt_set, recall_accuracy
 
 
 def quick(setup: RecallSetup) -> RecallSetup:

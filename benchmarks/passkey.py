@@ -1,7 +1,7 @@
 """Passkey recall beyond the attention window: the five variants at one budget, then ablations.
 
 Every model is a small `TitansLM` (dim 64, 2 layers, 4 heads, window 16, memory chunk 8)
-trained with `titans_mini.training.train_passkey` on distances 2..64 (needle to question;
+trained with `titans_mini.recall.training.train_passkey` on distances 2..64 (needle to question;
 64 = 4x the window) with the same steps, batch, learning rate and curriculum, then
 evaluated greedily at each distance in `EVAL_DISTANCES` on 256 fresh rows (chance: 1/64).
 One sliding-window layer bridges a distance of at most `window - 2`; two stacked layers
@@ -35,7 +35,8 @@ import torch
 from titans_mini.checkpoint import save_checkpoint
 from titans_mini.config import VARIANTS, TitansConfig
 from titans_mini.models import TitansLM
-from titans_mini.training import passkey_accuracy, train_passkey
+from titans_mini.recall.tasks import passkey_length
+from titans_mini.recall.training import passkey_accuracy, train_passkey
 
 BASE = TitansConfig(dim=64, n_layers=2, heads=4, window=16, chunk_size=8)
 EVAL_DISTANCES = (4, 8, 12, 16, 24, 32, 48, 64)
@@ -74,11 +75,11 @@ def run(name: str, config: TitansConfig, budget: Budget, seed: int, save: str | 
     model = TitansLM(config)
     start = time.perf_counter()
     history = train_passkey(model, budget.steps, distances=budget.distances, batch_size=budget.batch_size,
-                            seq_len=budget.distances[1] + 6 + budget.slack, lr=budget.lr,
+                            seq_len=passkey_length(budget.distances[1]) + budget.slack, lr=budget.lr,
                             curriculum=budget.curriculum, distractors=budget.distractors, seed=seed,
                             progress=False)
     seconds = time.perf_counter() - start
-    accuracy = {d: passkey_accuracy(model, d, seq_len=d + 6 + budget.slack, seed=10_000 + seed,
+    accuracy = {d: passkey_accuracy(model, d, seq_len=passkey_length(d) + budget.slack, seed=10_000 + seed,
                                     distractors=budget.distractors)
                 for d in EVAL_DISTANCES}
     if save:

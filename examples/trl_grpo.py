@@ -35,10 +35,11 @@ from titans_mini.device import pick_device, seed_everything
 from titans_mini.hf import (TitansForCausalLM, TitansGRPOTrainer, grpo_config, make_tokenizer, passkey_dataset,
                             recall_reward_func)
 from titans_mini.models import TitansLM
-from titans_mini.training import passkey_accuracy, train_passkey
+from titans_mini.recall.tasks import passkey_length
+from titans_mini.recall.training import passkey_accuracy, train_passkey
 
 DISTANCES = (2, 8)  # passkey distances, as in pre-training
-SEQ_LEN = DISTANCES[1] + 6
+SEQ_LEN = passkey_length(DISTANCES[1])
 
 
 def main() -> None:

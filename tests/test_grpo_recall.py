@@ -1,4 +1,4 @@
-"""GRPO on passkey recall (`titans_mini.recall_rl`, `benchmarks/grpo_recall.py`).
+"""GRPO on passkey recall (`titans_mini.recall.rl`, `benchmarks/grpo_recall.py`).
 
 The accuracy measures against a model with known output probabilities, the set-up's
 validation, and one tiny end-to-end run of the script's `run` (a one-layer memory-only
@@ -19,8 +19,8 @@ from benchmarks.grpo_recall import collapse, run, run_seed
 from titans_mini.config import TitansConfig
 from titans_mini.device import pick_device
 from titans_mini.grpo import GRPOSettings
-from titans_mini.recall_rl import RecallSetup, prompt_set, recall_accuracy
-from titans_mini.tasks import VALUE0, VOCAB_SIZE
+from titans_mini.recall.rl import RecallSetup, prompt_set, recall_accuracy
+from titans_mini.recall.tasks import VALUE0, VOCAB_SIZE
 
 FLOAT = r"(\d+\.\d+)"
 

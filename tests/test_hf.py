@@ -22,7 +22,7 @@ from trl import GRPOTrainer  # noqa: E402
 from titans_mini import hf  # noqa: E402
 from titans_mini.config import VARIANTS, TitansConfig  # noqa: E402
 from titans_mini.models import TitansLM  # noqa: E402
-from titans_mini.tasks import EOS, KEY0, PAD, QUERY, TOKENS, VALUE0, encode, passkey_prompts  # noqa: E402
+from titans_mini.recall.tasks import EOS, KEY0, PAD, QUERY, VALUE0, decode, encode, passkey_prompts  # noqa: E402
 
 torch.set_num_threads(1)
 try:
@@ -55,7 +55,8 @@ import sys
 for name in ("transformers", "trl", "datasets", "accelerate", "tokenizers"):
     sys.modules[name] = None  # any import of them raises ImportError
 import torch, titans_mini
-from titans_mini import checkpoint, grpo, models, tasks, training
+from titans_mini import checkpoint, grpo, models
+from titans_mini.recall import tasks, training
 from titans_mini.config import TitansConfig
 lm = models.TitansLM(TitansConfig(dim=16, n_layers=1, heads=2, window=8, chunk_size=4))
 assert lm(torch.ones(1, 5, dtype=torch.long))[0].shape == (1, 5, tasks.VOCAB_SIZE)
@@ -270,7 +271,7 @@ def make_trainer(tmp_path, trainer_class=hf.TitansGRPOTrainer, reward=hf.recall_
     rows = {"prompt": [], "answer": []}
     for distance in (2, 4, 6):
         batch = passkey_prompts(2, distance, generator=torch.Generator().manual_seed(distance))
-        rows["prompt"] += [" ".join(TOKENS[i] for i in r) for r in batch["prompt_ids"].tolist()]
+        rows["prompt"] += [decode(r) for r in batch["prompt_ids"]]
         rows["answer"] += batch["answers"].tolist()
     settings = dict(learning_rate=1e-2, per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
                     max_steps=2, disable_tqdm=True, seed=0, temperature=1.5)

@@ -6,7 +6,7 @@ import torch
 from titans_mini.checkpoint import load_checkpoint, save_checkpoint
 from titans_mini.config import VARIANTS, TitansConfig
 from titans_mini.models import MemoryAsContext, TitansLM
-from titans_mini.training import passkey_accuracy, train_passkey
+from titans_mini.recall.training import passkey_accuracy, train_passkey
 
 SMALL = dict(dim=32, n_layers=2, heads=2, window=8, chunk_size=4, n_persistent=2, memory_expansion=2)
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from titans_mini.tasks import (BOS, IGNORE, KEY, KEY0, QUERY, TOKENS, VALUE0, VOCAB_SIZE, N_VALUES,
-                               answer_accuracy, decode, encode, mqar_batch, passkey_batch,
-                               passkey_prompts, recall_reward)
+from titans_mini.config import TitansConfig
+from titans_mini.recall.tasks import (BOS, IGNORE, KEY, KEY0, QUERY, TOKENS, VALUE0, VOCAB_SIZE, N_VALUES,
+                                      answer_accuracy, decode, encode, mqar_batch, passkey_batch,
+                                      passkey_prompts, recall_reward)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -132,3 +133,9 @@ def test_bad_arguments(call, name):
 def test_non_int_argument():
     with pytest.raises(TypeError, match="distance"):
         passkey_batch(4, 2.5)
+
+
+def test_the_default_model_vocabulary_is_the_tasks_vocabulary():
+    """TitansConfig's default vocab_size is written as a number (the model does not import
+    the tasks): it must stay the size of the tasks' vocabulary."""
+    assert TitansConfig().vocab_size == VOCAB_SIZE == len(TOKENS)

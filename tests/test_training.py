@@ -7,7 +7,7 @@ from benchmarks import passkey
 from titans_mini.checkpoint import load_checkpoint
 from titans_mini.config import TitansConfig
 from titans_mini.models import TitansLM
-from titans_mini.training import curriculum_distance, train_passkey
+from titans_mini.recall.training import curriculum_distance, train_passkey
 
 
 def test_curriculum_starts_short_and_reaches_the_longest_distance():
@@ -59,8 +59,8 @@ def test_ablations_of_the_memory_alone_skip_persistent_tokens():
 
 
 def test_distractor_pairs_fit_between_needle_and_question():
-    from titans_mini.tasks import KEY, passkey_batch
-    from titans_mini.training import pairs_at
+    from titans_mini.recall.tasks import KEY, passkey_batch
+    from titans_mini.recall.training import pairs_at
     assert [pairs_at(d, 4) for d in (1, 3, 4, 7, 13, 64)] == [1, 1, 2, 3, 5, 5]
     assert pairs_at(64, 0) == 1
     for distance in (4, 10, 40):

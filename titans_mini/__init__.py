@@ -1,6 +1,6 @@
 """titans-mini: the Titans architecture (arXiv 2501.00663) and GRPO, built to be read.
 
-Modules, one idea each:
+The model, one idea a module (none of them knows the experiments below):
     memory         the neural memory as a learner: eq 8-15, token by token
     scan           first-order linear recurrences as a parallel associative scan (eq 18)
     chunked        the parallel chunked update: mini-batch gradient descent (eq 16-18)
@@ -8,12 +8,13 @@ Modules, one idea each:
     attention      causal / sliding-window attention with persistent memory (eq 19)
     config         TitansConfig: one validated object for every model choice
     models         TitansLM with MAC, MAG, MAL (eq 21-31), the memory alone, an SWA baseline
-    tasks          generated recall tasks (passkey, MQAR) and their rewards
-    training       supervised passkey training and evaluation
     checkpoint     save / load a TitansLM (weights_only=True); ASSETS, the shipped files
     grpo           group-relative policy optimisation from scratch
-    recall_rl      GRPO on the passkey task: pre-train, measure, fine-tune, measure
     device         pick_device, seed_everything
+
+Packages that use the model:
+    recall         the generated recall experiments: tasks (passkey, MQAR), supervised
+                   training, GRPO on recall (rl)
     hf             Transformers / TRL integration (needs the "hf" extra; never imported here)
 """
 

@@ -10,8 +10,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .tasks import VOCAB_SIZE
-
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa")
 
 
@@ -19,6 +17,10 @@ VARIANTS = ("mac", "mag", "mal", "lmm", "swa")
 class TitansConfig:
     """Architecture of a `TitansLM` (paper section 4).
 
+    vocab_size: token ids the model reads and predicts. The default, 149, is the
+        vocabulary of the generated recall tasks (`titans_mini.recall.tasks.VOCAB_SIZE`;
+        a test keeps both equal) that the notebooks train on; the model itself knows
+        nothing of them. Set it for your data (256 for bytes).
     variant:
         "mac"  memory as context (eq 21-25): segments of `window` tokens, full causal
                attention inside a segment over [persistent || retrieved memory || segment];
@@ -39,7 +41,7 @@ class TitansConfig:
         checkpoint_chunks); off by default: our sequences are short, and it is faster.
     """
 
-    vocab_size: int = VOCAB_SIZE
+    vocab_size: int = 149
     dim: int = 64
     n_layers: int = 2
     heads: int = 4

@@ -84,6 +84,19 @@ def logits_of(output: Any) -> Tensor:
     raise TypeError(f"model output must be logits, a tuple (logits, ...) or have .logits; got {type(output).__name__}")
 
 
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `x` where `mask` is 1 (over everything, or along `dim`); 0 where nothing is active."""
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp(min=1)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
+
+
+def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature)[token] in float32: logits (..., V), tokens (...) -> (...)."""
+    return (logits.float() / temperature).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
 def _check_ids(name: str, ids: Tensor) -> None:
     if not isinstance(ids, Tensor) or ids.dtype != torch.long or ids.ndim != 2 or ids.numel() == 0:
         raise ValueError(f"{name} must be a non-empty (batch, time) LongTensor, got {getattr(ids, 'shape', ids)}")
@@ -119,12 +132,12 @@ def sample_completions(
     done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
     log_probs, masks = [], []
     for _ in range(max_new_tokens):
-        logp = (logits_of(model(seq))[:, -1].float() / temperature).log_softmax(-1)
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        logits = logits_of(model(seq))[:, -1]
+        token = torch.multinomial((logits.float() / temperature).softmax(-1), 1, generator=generator).squeeze(-1)
         if eos_id is not None:
             token = token.masked_fill(done, eos_id)
         masks.append((~done).float())
-        log_probs.append(logp.gather(-1, token[:, None]).squeeze(-1) * masks[-1])
+        log_probs.append(token_log_probs(logits, token, temperature) * masks[-1])
         seq = torch.cat([seq, token[:, None]], dim=1)
         if eos_id is not None:
             done |= token == eos_id
@@ -148,8 +161,7 @@ def completion_log_probs(model: nn.Module, prompts: Tensor, completions: Tensor,
         )
     seq = torch.cat([prompts, completions], dim=1)
     logits = logits_of(model(seq[:, :-1]))[:, prompts.shape[1] - 1 :]
-    logp = (logits.float() / temperature).log_softmax(-1)
-    return logp.gather(-1, completions[..., None]).squeeze(-1)
+    return token_log_probs(logits, completions, temperature)
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
@@ -198,15 +210,13 @@ def aggregate(token_loss: Tensor, mask: Tensor, loss_type: str, max_completion_l
       dr_grpo: sum_it m_it l_it / (B * max_completion_length)  (Dr. GRPO, a constant normaliser)
       dapo:    sum_it m_it l_it / sum_it m_it               (DAPO, every token weighs the same)
     """
-    m = mask.to(token_loss.dtype)
-    total = token_loss * m
     if loss_type == "grpo":
-        return (total.sum(1) / m.sum(1).clamp(min=1)).mean()
+        return masked_mean(token_loss, mask, dim=1).mean()
     if loss_type == "dr_grpo":
         length = token_loss.shape[1] if max_completion_length is None else max_completion_length
-        return total.sum() / (token_loss.shape[0] * length)
+        return (token_loss * mask.to(token_loss.dtype)).sum() / (token_loss.shape[0] * length)
     if loss_type == "dapo":
-        return total.sum() / m.sum().clamp(min=1)
+        return masked_mean(token_loss, mask)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -223,19 +233,17 @@ def grpo_loss(
     Stats over active tokens: kl (nan when ref_logp is None), clip_fraction, ratio_dev = mean |rho - 1|.
     """
     token_loss, is_clipped = clipped_surrogate(logp, old_logp, advantages, settings.epsilon, settings.epsilon_high)
-    m = mask.to(logp.dtype)
-    n_active = m.sum().clamp(min=1)
     kl_mean = math.nan
     if ref_logp is not None:
         kl = k3_kl(logp, ref_logp)
         token_loss = token_loss + settings.beta * kl
-        kl_mean = ((kl * m).sum() / n_active).item()
+        kl_mean = masked_mean(kl, mask).item()
     loss = aggregate(token_loss, mask, settings.loss_type, settings.max_new_tokens)
     with torch.no_grad():
         stats = {
             "kl": kl_mean,
-            "clip_fraction": ((is_clipped * m).sum() / n_active).item(),
-            "ratio_dev": (((logp - old_logp).exp() - 1).abs() * m).sum().div(n_active).item(),
+            "clip_fraction": masked_mean(is_clipped.to(logp.dtype), mask).item(),
+            "ratio_dev": masked_mean(((logp - old_logp).exp() - 1).abs(), mask).item(),
         }
     return loss, stats
 

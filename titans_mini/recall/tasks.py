@@ -64,18 +64,24 @@ def _sample_pairs(batch: int, n_pairs: int, n_keys: int, n_values: int,
     return keys, values
 
 
+def passkey_length(distance: int) -> int:
+    """The shortest passkey row whose question comes `distance` tokens after the needle:
+    ``<bos> <key> k v``, ``distance - 1`` fillers, ``<query> k v`` = ``distance + 6`` tokens."""
+    return distance + 6
+
+
 def _passkey(batch: int, distance: int, seq_len: int, offsets: Tensor | None, n_pairs: int,
              n_keys: int, n_values: int, generator: torch.Generator | None) -> dict[str, Tensor]:
     _check("batch", batch, 1)
     _check("distance", distance, 1)
-    _check("seq_len", seq_len, distance + 6)
+    _check("seq_len", seq_len, passkey_length(distance))
     keys, values = _sample_pairs(batch, n_pairs, n_keys, n_values, generator)
     n_extra = n_pairs - 1
     if 3 * n_extra > distance - 1:
         raise ValueError(f"n_pairs={n_pairs} distractors need distance >= {3 * n_extra + 1}, got {distance}")
     ids = torch.randint(FILLER0, FILLER0 + N_FILLER, (batch, seq_len), generator=generator)
     if offsets is None:
-        offsets = torch.randint(0, seq_len - distance - 5, (batch,), generator=generator)
+        offsets = torch.randint(0, seq_len - passkey_length(distance) + 1, (batch,), generator=generator)
     rows, needle = torch.arange(batch), offsets + 3                  # needle = position of the value
     query = needle + distance
     ids[:, 0] = BOS
@@ -108,7 +114,7 @@ def passkey_batch(batch: int, distance: int, *, seq_len: int | None = None, n_pa
     between the needle and the query; they need ``distance >= 3 (n_pairs - 1) + 1``.
     """
     _check("distance", distance, 1)
-    seq_len = distance + 6 if seq_len is None else seq_len
+    seq_len = passkey_length(distance) if seq_len is None else seq_len
     return _passkey(batch, distance, seq_len, None, n_pairs, n_keys, n_values, generator)
 
 
@@ -120,7 +126,7 @@ def passkey_prompts(batch: int, distance: int, *, prefix: int = 0, n_pairs: int 
     the needle, cut right after ``<query> k``: the next token should be the answer."""
     _check("prefix", prefix, 0)
     _check("distance", distance, 1)
-    rows = _passkey(batch, distance, prefix + distance + 6, torch.full((batch,), prefix),
+    rows = _passkey(batch, distance, prefix + passkey_length(distance), torch.full((batch,), prefix),
                     n_pairs, n_keys, n_values, generator)["input_ids"]
     return {"prompt_ids": rows[:, :-1], "answers": rows[:, -1]}
 

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import TitansConfig
-from .grpo import GRPOSettings, grpo_step, make_optimizer
+from ..config import TitansConfig
+from ..grpo import GRPOSettings, grpo_step, make_optimizer
 from .tasks import passkey_batch, passkey_prompts, recall_reward
 from .training import supervised_step
 

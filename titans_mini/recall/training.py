@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .tasks import IGNORE, answer_accuracy, passkey_batch
+from .tasks import IGNORE, answer_accuracy, passkey_batch, passkey_length
 
 
 def passkey_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +73,8 @@ def train_passkey(model: nn.Module, steps: int, *, distances: tuple[int, int], s
     Non-finite steps are skipped (`supervised_step`). Returns per-step loss, accuracy, distance and whether the step was skipped.
     """
     low, high = distances
-    if not 1 <= low <= high or seq_len < high + 6:
-        raise ValueError(f"need 1 <= distances[0] <= distances[1] and seq_len >= distances[1] + 6, "
+    if not 1 <= low <= high or seq_len < passkey_length(high):
+        raise ValueError(f"need 1 <= distances[0] <= distances[1] and seq_len >= passkey_length(distances[1]), "
                          f"got distances={distances}, seq_len={seq_len}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
