@@ -20,7 +20,7 @@ Each line also says whether the outputs (and gradients) were finite.
 
 Implementations, all a depth-2 memory MLP dim -> 4 dim -> dim, with the same dim and chunk:
     chunked                   ours, NeuralMemory(dim, depth=2, chunk_size=C, expansion=4)
-    per_token                 ours, the same layer with path="per_token" (the literal loop,
+    per_token                 ours, the same layer with sequential=True (the literal loop,
                               gradients at the chunk-start weights like `chunked`)
     titans-pytorch            titans_pytorch.NeuralMemory(dim, chunk_size=C,
                               model=MemoryMLP(dim, depth=2, expansion_factor=4.)), its other
@@ -110,8 +110,9 @@ def build(config: Config, device: torch.device) -> tuple[torch.nn.Module, dict]:
     if config.impl in ("chunked", "per_token"):
         from titans_mini import NeuralMemory
 
-        model = NeuralMemory(config.dim, depth=2, chunk_size=config.chunk, expansion=4)
-        kwargs = {"path": config.impl}
+        model = NeuralMemory(config.dim, depth=2, chunk_size=config.chunk, expansion=4,
+                             sequential=config.impl == "per_token")
+        kwargs = {}
     elif config.impl in ("titans-pytorch", "titans-pytorch-minibatch"):
         from titans_pytorch import MemoryMLP
         from titans_pytorch import NeuralMemory as TitansNeuralMemory

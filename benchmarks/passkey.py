@@ -105,6 +105,15 @@ def mean_accuracy(records: list[dict], name: str) -> dict[int, float]:
     return {int(d): sum(r["accuracy"][d] for r in rows) / len(rows) for d in rows[0]["accuracy"]}
 
 
+def config_field(item: str) -> tuple[str, int | bool]:
+    """ "memory_output_gate=true" -> ("memory_output_gate", True); "window=32" -> ("window", 32)."""
+    name, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+    lowered = value.lower()
+    return name, lowered == "true" if lowered in ("true", "false") else int(value)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -115,11 +124,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     parser.add_argument("--distractors", type=int, default=0,
                         help="other key/value pairs between needle and question (a harder task; default 0)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="change TitansConfig fields of every run, e.g. --set memory_output_gate=true")
     parser.add_argument("--quick", action="store_true", help="20 steps, distances 2..24: checks the script runs")
     parser.add_argument("--json", default=None, help="write every record to this file")
     parser.add_argument("--save", default=None, help="folder: save each variant's first-seed model as <variant>.pt")
     args = parser.parse_args(argv)
 
+    base = BASE.replace(**dict(config_field(item) for item in args.set))
     budget = Budget(steps=20, distances=(2, 24)) if args.quick else Budget()
     budget = replace(budget, steps=args.steps or budget.steps, distractors=args.distractors)
     jobs = []
@@ -127,14 +139,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for variant in args.variants:
             for seed in args.seeds:
                 save = f"{args.save}/{variant}.pt" if args.save and seed == args.seeds[0] else None
-                jobs.append((variant, BASE.replace(variant=variant), budget, seed, save))
+                jobs.append((variant, base.replace(variant=variant), budget, seed, save))
     if args.only != "variants":
         for name, (change, _) in ablations(args.ablate).items():
-            if name == "full" and args.only != "ablations":
+            if name == "full" and args.only != "ablations" and args.ablate in args.variants:
                 continue  # the variant run above is the full model
             for seed in args.seeds:
                 jobs.append((f"{args.ablate} {name}" if name != "full" else args.ablate,
-                             BASE.replace(variant=args.ablate, **change), budget, seed, None))
+                             base.replace(variant=args.ablate, **change), budget, seed, None))
     print(f"passkey: {len(jobs)} runs, {budget.steps} steps x batch {budget.batch_size}, lr {budget.lr}, "
           f"distances {budget.distances[0]}..{budget.distances[1]} (curriculum {budget.curriculum}), "
           f"{budget.distractors} distractor pairs, "

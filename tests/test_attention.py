@@ -147,15 +147,3 @@ def test_bad_inputs():
         attention_mask(3, 3, window=0)
     with pytest.raises(ValueError, match="q_offset"):
         attention_mask(3, 4, window=None, q_offset=2)
-    layer = Attention(8, 2, window=2)
-    with pytest.raises(ValueError, match="x must be"):
-        layer(torch.randn(9, 8))
-    with pytest.raises(ValueError, match="x must be"):
-        layer(torch.randn(1, 9, 7))
-    with pytest.raises(ValueError, match="x must be"):
-        layer(torch.randn(1, 0, 8))
-    with pytest.raises(TypeError, match="x must be"):
-        layer(torch.ones(1, 3, 8, dtype=torch.long))
-    _, cache = layer(torch.randn(2, 4, 8))
-    with pytest.raises(ValueError, match="cache"):
-        layer(torch.randn(3, 1, 8), cache)

@@ -82,12 +82,12 @@ def test_analytic_flops_match_the_matmuls_the_forward_runs(bench, dim, chunk, st
     assert counter.flops == bench.chunked_forward_flops(dim, 3, steps, chunk, depth=depth)
 
 
-def test_per_token_memory_estimate_bounds_what_its_autograd_graph_holds(bench):
+def test_sequential_memory_estimate_bounds_what_its_autograd_graph_holds(bench):
     torch.manual_seed(0)
     dim, batch, steps = 32, 2, 32
-    memory = NeuralMemory(dim, depth=2, chunk_size=4, expansion=4)
+    memory = NeuralMemory(dim, depth=2, chunk_size=4, expansion=4, sequential=True)
     with LiveBytes() as tracker:
-        y, state = memory(torch.randn(batch, steps, dim), path="per_token")
+        y, state = memory(torch.randn(batch, steps, dim))
     held_mb = tracker.live() / 2**20
     estimate = bench.per_token_backward_mb(dim, batch, steps)
     assert 0.6 * estimate < held_mb <= estimate
@@ -166,6 +166,7 @@ def test_lines_parse_and_flag_non_finite_outputs(bench):
     assert bench.LINE.match(line) and "fwdbwd: NON-FINITE" in line and "fwd: NON" not in line
 
 
+@pytest.mark.slow
 def test_a_tiny_quick_run_ends_with_the_summary_line(bench, monkeypatch, capsys):
     """The whole --quick pipeline (subprocess workers included) at a toy size."""
     monkeypatch.setattr(bench, "SUMMARY", dict(dim=8, batch=2, steps=32, chunk=8))

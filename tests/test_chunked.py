@@ -5,7 +5,7 @@ import torch
 
 from titans_mini import NeuralMemory
 from titans_mini.chunked import chunked_memory, memory_activations, token_deltas, transfer_matrix
-from titans_mini.memory import associative_loss, per_token_memory
+from titans_mini.memory import associative_loss, sequential_memory
 
 
 def random_inputs(depth, steps, seed=0, dim=6, hidden=10, batch=2):
@@ -25,7 +25,7 @@ def random_inputs(depth, steps, seed=0, dim=6, hidden=10, batch=2):
 @pytest.mark.parametrize("steps", [1, 7, 16, 21])
 def test_chunked_equals_per_token_loop_with_the_same_rule(depth, chunk_size, steps):
     inputs = random_inputs(depth, steps, seed=depth * 100 + chunk_size)
-    y_ref, w_ref, s_ref = per_token_memory(*inputs, chunk_size=chunk_size)
+    y_ref, w_ref, s_ref = sequential_memory(*inputs, chunk_size=chunk_size)
     y, w, s = chunked_memory(*inputs, chunk_size=chunk_size)
     torch.testing.assert_close(y, y_ref)
     for got, want in zip(w + s, w_ref + s_ref):
@@ -35,8 +35,9 @@ def test_chunked_equals_per_token_loop_with_the_same_rule(depth, chunk_size, ste
 def test_chunk_size_one_is_the_per_token_recurrence():
     memory = NeuralMemory(8, depth=2, chunk_size=1, expansion=2).double()
     x = torch.randn(2, 11, 8, dtype=torch.float64)
-    y_loop, s_loop = memory(x, path="per_token")
-    y_chunk, s_chunk = memory(x, path="chunked")
+    y_chunk, s_chunk = memory(x)
+    memory.sequential = True
+    y_loop, s_loop = memory(x)
     torch.testing.assert_close(y_chunk, y_loop)
     torch.testing.assert_close(s_chunk.weights[1], s_loop.weights[1])
 
@@ -85,7 +86,9 @@ def test_lengths_that_are_not_multiples_of_the_chunk_work():
     memory = NeuralMemory(8, depth=2, chunk_size=8).double()
     x = torch.randn(3, 13, 8, dtype=torch.float64)
     y_chunk, state = memory(x)
-    y_loop, _ = memory(x, path="per_token")
+    memory.sequential = True
+    y_loop, _ = memory(x)
+    memory.sequential = False
     assert y_chunk.shape == (3, 13, 8) and state.pending == 5
     torch.testing.assert_close(y_chunk, y_loop)
     short, state = memory(x[:, :3])  # shorter than one chunk: still read and kept

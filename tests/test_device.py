@@ -8,9 +8,11 @@ import torch
 from titans_mini.device import ENV_VAR, pick_device, seed_everything
 
 
-def test_default_is_first_available(monkeypatch):
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_default_is_the_first_available_of_cuda_mps_cpu(monkeypatch, cuda, mps, expected):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     assert pick_device().type == expected
 
 

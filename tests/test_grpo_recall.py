@@ -67,6 +67,7 @@ def test_setup_validation_and_collapse_settings():
     assert bad.prompts_per_step * 2 == setup.prompts_per_step * setup.grpo.group_size  # same samples per step
 
 
+@pytest.mark.slow
 def test_tiny_run_grpo_raises_recall_and_collapse_stalls(capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is fastest
@@ -102,6 +103,7 @@ def test_tiny_run_grpo_raises_recall_and_collapse_stalls(capsys):
     assert reward_last < reward_first / 2
 
 
+@pytest.mark.slow
 def test_seed_runs_are_reproducible():
     setup = RecallSetup(
         model=TitansConfig(dim=16, n_layers=1, window=8, chunk_size=4, variant="lmm"),

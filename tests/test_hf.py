@@ -340,6 +340,7 @@ def test_advantages_equal_trl(tmp_path):
     torch.testing.assert_close(ours["advantages"], theirs["advantages"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @needs_tested_trl
 @pytest.mark.parametrize("trainer_class", [GRPOTrainer, hf.TitansGRPOTrainer])
 def test_trl_training_steps_run_and_update(trainer_class, tmp_path):

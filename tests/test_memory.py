@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call
 
 from titans_mini import MemoryState, NeuralMemory
-from titans_mini.memory import associative_loss, linear_memory_grad, memory_forward, per_token_memory, surprise
+from titans_mini.memory import associative_loss, linear_memory_grad, memory_forward, sequential_memory, surprise
 
 
 def random_memory(seed=0, **kwargs):
@@ -45,7 +45,7 @@ def test_per_token_loop_follows_eq_13_14_by_hand():
     w0 = torch.randn(1, 3, 3, generator=gen, dtype=torch.float64)
     q, k, v = (torch.randn(1, 3, 3, generator=gen, dtype=torch.float64) for _ in range(3))
     theta, eta, alpha = torch.tensor([[0.3, 0.2, 0.5]]), torch.tensor([[0.0, 0.9, 0.5]]), torch.tensor([[0.1, 0.0, 0.2]])
-    y, (w,), (s,) = per_token_memory((w0,), (torch.zeros_like(w0),), q, k, v, theta, eta, alpha)
+    y, (w,), (s,) = sequential_memory((w0,), (torch.zeros_like(w0),), q, k, v, theta, eta, alpha)
     m, mom, outs = w0, torch.zeros_like(w0), []
     for t in range(3):
         mom = eta[0, t] * mom - theta[0, t] * linear_memory_grad(m, k[:, t], v[:, t])
@@ -56,42 +56,42 @@ def test_per_token_loop_follows_eq_13_14_by_hand():
     torch.testing.assert_close(s, mom)
 
 
-@pytest.mark.parametrize("path", ["per_token", "chunked"])
+@pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("cut", [1, 3, 4, 9])
-def test_whole_stream_equals_pieces_with_state(path, cut):
-    memory = random_memory()
+def test_whole_stream_equals_pieces_with_state(sequential, cut):
+    memory = random_memory(sequential=sequential)
     x = torch.randn(2, 13, 8, dtype=torch.float64)
-    y, state = memory(x, path=path)
-    y1, mid = memory(x[:, :cut], path=path)
-    y2, end = memory(x[:, cut:], mid, path=path)
+    y, state = memory(x)
+    y1, mid = memory(x[:, :cut])
+    y2, end = memory(x[:, cut:], mid)
     torch.testing.assert_close(torch.cat([y1, y2], dim=1), y)
     for a, b in zip(end.weights + end.momentum + (end.keys, end.values, end.gates, end.conv), state.weights + state.momentum + (state.keys, state.values, state.gates, state.conv)):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("path", ["per_token", "chunked"])
-def test_causal_future_tokens_do_not_change_the_past(path):
-    memory = random_memory(chunk_size=5)
+@pytest.mark.parametrize("sequential", [True, False])
+def test_causal_future_tokens_do_not_change_the_past(sequential):
+    memory = random_memory(chunk_size=5, sequential=sequential)
     x = torch.randn(2, 12, 8, dtype=torch.float64)
-    y, _ = memory(x, path=path)
+    y, _ = memory(x)
     for t in (0, 3, 7, 11):
         changed = x.clone()
         changed[:, t] += torch.randn(2, 8, dtype=torch.float64)
-        y_changed, _ = memory(changed, path=path)
+        y_changed, _ = memory(changed)
         torch.testing.assert_close(y_changed[:, :t], y[:, :t], atol=0, rtol=0)
         assert not torch.allclose(y_changed[:, t], y[:, t])
 
 
-@pytest.mark.parametrize("path", ["per_token", "chunked"])
-def test_gradcheck_through_the_inner_updates(path):
+@pytest.mark.parametrize("sequential", [True, False])
+def test_gradcheck_through_the_inner_updates(sequential):
     """Outer-loop gradients reach W_Q, W_K, W_V, the conv, the gates and M_0 through eq 13-14."""
-    memory = random_memory(dim=3, chunk_size=2, expansion=1)
+    memory = random_memory(dim=3, chunk_size=2, expansion=1, sequential=sequential)
     x = torch.randn(1, 5, 3, dtype=torch.float64)
     names = [n for n, _ in memory.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in memory.parameters())
 
     def outputs(*values):
-        return functional_call(memory, dict(zip(names, values)), (x,), {"path": path})[0]
+        return functional_call(memory, dict(zip(names, values)), (x,))[0]
 
     assert torch.autograd.gradcheck(outputs, params)
     grads = torch.autograd.grad(outputs(*params).pow(2).sum(), params)
@@ -137,7 +137,7 @@ def test_memory_learns_a_repeated_association():
     theta, zeros = torch.full((1, 8), 0.4), torch.zeros(1, 8)
     errors = []
     for _ in range(10):  # ten passes over eight pairs; M_0 = 0 starts at relative error 1
-        _, weights, momentum = per_token_memory(weights, momentum, k, k, v, theta, zeros, zeros)
+        _, weights, momentum = sequential_memory(weights, momentum, k, k, v, theta, zeros, zeros)
         errors.append(((memory_forward(weights, k) - v).pow(2).sum() / v.pow(2).sum()).item())
     assert errors[-1] < 0.1 and errors[-1] < errors[0] < 1
 
@@ -162,8 +162,6 @@ def test_bad_input_is_refused_with_the_argument_named():
         memory(torch.ones(1, 5, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="empty"):
         memory(torch.randn(1, 0, 8))
-    with pytest.raises(ValueError, match="path"):
-        memory(torch.randn(1, 5, 8), path="fast")
     with pytest.raises(ValueError, match="depth"):
         NeuralMemory(8, depth=0)
     with pytest.raises(ValueError, match="chunk_size"):

@@ -71,7 +71,6 @@ def test_mac_reads_memory_written_by_earlier_segments():
     with torch.no_grad():
         y, _ = mac(x)
         y2, _ = mac(changed)
-        mac.memory.initial_weights.requires_grad_(False)
     assert (y2[:, 8:] - y[:, 8:]).abs().max() > 1e-5
 
 
@@ -83,6 +82,25 @@ def test_streaming_generate_equals_full_forward_greedy(variant):
     with torch.no_grad():
         logits, _ = lm(full[:, :-1])
     assert torch.equal(logits[:, prompt.shape[1] - 1 :].argmax(-1), new)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_detached_state_stops_the_gradient_and_keeps_the_outputs(variant):
+    """Truncated backpropagation through time: with `state.detach()` between two pieces, the
+    second piece's outputs are unchanged, and its loss no longer reaches the embeddings of
+    tokens that only the first piece read (it does without the cut)."""
+    lm = model(variant).train()
+    first = torch.randint(5, 70, (2, 12), generator=torch.Generator().manual_seed(1))
+    second = torch.randint(80, 149, (2, 9), generator=torch.Generator().manual_seed(2))
+    whole, _ = lm(torch.cat([first, second], 1))
+    for cut in (False, True):
+        lm.zero_grad()
+        _, state = lm(first)
+        logits, _ = lm(second, state.detach() if cut else state)
+        torch.testing.assert_close(logits, whole[:, 12:], rtol=0, atol=1e-5)
+        logits.pow(2).mean().backward()
+        reached = lm.embed.weight.grad[first.unique()].abs().sum().item()
+        assert (reached == 0) if cut else (reached > 0), (cut, reached)
 
 
 def test_generate_continues_a_stream():
@@ -161,12 +179,13 @@ def test_bad_input_ids_are_refused():
         lm(torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="vocab_size"):
         lm(torch.full((1, 3), 10_000))
-    with pytest.raises(ValueError, match="state"):
+    with pytest.raises(TypeError, match="TitansState"):
         lm(ids(), state=[None])
     with pytest.raises(ValueError, match="max_new_tokens"):
         lm.generate(ids(), 0)
 
 
+@pytest.mark.slow
 def test_swa_learns_passkey_inside_its_window_beyond_chance():
     """A real learning test: chance is 1/64; within the window SWA must recall."""
     torch.manual_seed(0)

@@ -1,13 +1,19 @@
-"""Passkey training helpers and the experiment script of benchmarks/passkey.py."""
+"""Passkey training helpers, and the experiment script `python -m benchmarks.passkey` run as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import passkey
 from titans_mini.checkpoint import load_checkpoint
 from titans_mini.config import TitansConfig
 from titans_mini.models import TitansLM
 from titans_mini.recall.training import curriculum_distance, train_passkey
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_curriculum_starts_short_and_reaches_the_longest_distance():
@@ -40,22 +46,25 @@ def test_train_passkey_refuses_bad_arguments(kwargs, match):
         train_passkey(model, args.pop("steps"), progress=False, **args)
 
 
-def test_experiment_run_records_every_distance_and_saves_a_loadable_model(tmp_path):
-    config = TitansConfig(variant="mag", dim=16, n_layers=1, heads=2, window=8, chunk_size=4)
-    budget = passkey.Budget(steps=3, distances=(2, 16), slack=4)
-    record = passkey.run("mag", config, budget, seed=0, save=str(tmp_path / "mag.pt"))
-    assert set(record["accuracy"]) == set(passkey.EVAL_DISTANCES)
-    assert all(0 <= a <= 1 for a in record["accuracy"].values())
-    model, extra = load_checkpoint(tmp_path / "mag.pt")
-    assert model.config == config and extra == {"steps": 3, "seed": 0}
-    assert record["parameters"] == model.num_parameters()
-
-
-def test_ablations_of_the_memory_alone_skip_persistent_tokens():
-    assert "no persistent" not in passkey.ablations("lmm")
-    assert "no persistent" in passkey.ablations("mac")
-    for name, (change, _) in passkey.ablations("mac").items():
-        TitansConfig(variant="mac").replace(**change)  # every ablation is a valid config
+@pytest.mark.slow
+def test_the_passkey_experiment_runs_records_every_distance_and_saves_loadable_models(tmp_path):
+    """`python -m benchmarks.passkey` as a user runs it (a tiny budget): every run is recorded
+    at every evaluation distance, the ablations skip what the variant lacks, models load."""
+    results = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.passkey", "--quick", "--steps", "2", "--variants", "lmm",
+                           "mag", "--set", "dim=16", "heads=2", "--json", str(results), "--save", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(results.read_text())
+    names = [r["name"] for r in data["records"]]
+    assert names == ["lmm", "mag", "lmm no momentum", "lmm no forgetting", "lmm linear memory", "lmm no convolution"]
+    for record in data["records"]:
+        assert [int(d) for d in record["accuracy"]] == data["eval_distances"]
+        assert all(0 <= a <= 1 for a in record["accuracy"].values())
+    for record in data["records"][:2]:
+        model, extra = load_checkpoint(tmp_path / f"{record['name']}.pt")
+        assert model.config.to_dict() == record["config"] and model.config.dim == 16
+        assert extra == {"steps": 2, "seed": 0} and model.num_parameters() == record["parameters"]
 
 
 def test_distractor_pairs_fit_between_needle_and_question():

@@ -19,10 +19,10 @@ Packages that use the model:
 """
 
 from .config import TitansConfig
-from .memory import MemoryState, memory_forward, per_token_memory, surprise
+from .memory import MemoryState, memory_forward, sequential_memory, surprise
 from .models import TitansLM
 from .neural_memory import NeuralMemory
 
 __version__ = "0.1.0"
-__all__ = ["MemoryState", "NeuralMemory", "TitansConfig", "TitansLM", "memory_forward", "per_token_memory",
+__all__ = ["MemoryState", "NeuralMemory", "TitansConfig", "TitansLM", "memory_forward", "sequential_memory",
            "surprise"]

@@ -30,10 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-
-def _check_window(window: int | None) -> None:
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+from .checks import check_int
+from .state import StreamState
 
 
 def attention_mask(q_len: int, k_len: int, *, window: int | None, n_persistent: int = 0,
@@ -45,7 +43,8 @@ def attention_mask(q_len: int, k_len: int, *, window: int | None, n_persistent: 
     (``q_offset`` = number of cached past keys) and sees key ``j`` iff ``j <= t`` and,
     when ``window`` is an int, ``j > t - window``.
     """
-    _check_window(window)
+    if window is not None:
+        check_int("window (None = no window)", window, 1)
     if q_len < 1 or k_len < 1 or n_persistent < 0 or q_offset < 0 or q_offset + q_len > k_len:
         raise ValueError("need q_len >= 1, n_persistent >= 0, 0 <= q_offset and "
                          f"q_offset + q_len <= k_len; got q_len={q_len}, k_len={k_len}, "
@@ -73,7 +72,7 @@ def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
 
 
 @dataclass
-class KVCache:
+class KVCache(StreamState):
     """Streaming state of one ``Attention`` layer.
 
     ``k``, ``v``: ``(batch, heads, L, head_dim)`` ordinary keys (rotary already applied)
@@ -102,7 +101,8 @@ class Attention(nn.Module):
             raise ValueError(f"heads must divide dim into an even head size, got dim={dim}, heads={heads}")
         if n_persistent < 0:
             raise ValueError(f"n_persistent must be >= 0, got {n_persistent}")
-        _check_window(window)
+        if window is not None:
+            check_int("window (None = no window)", window, 1)
         self.dim, self.heads, self.window, self.rope_base = dim, heads, window, rope_base
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)       # W_Q, W_K, W_V
         self.out = nn.Linear(dim, dim, bias=False)           # W_O
@@ -110,15 +110,9 @@ class Attention(nn.Module):
         self.persistent = nn.Parameter(torch.randn(n_persistent, dim))
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[1] < 1 or x.shape[2] != self.dim:
-            raise ValueError(f"x must be (batch, time >= 1, {self.dim}), got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        """x (B, T >= 1, dim), unchecked: a model's layer, fed by the model (`TitansLM` checks
+        its inputs once, at the top)."""
         batch, T, _ = x.shape
-        if cache is not None and cache.k.shape[:2] != (batch, self.heads):
-            raise ValueError(f"cache is for (batch, heads)={tuple(cache.k.shape[:2])}, "
-                             f"x needs {(batch, self.heads)}")
         start = 0 if cache is None else cache.pos
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         positions = torch.arange(start, start + T, device=x.device)

@@ -153,7 +153,7 @@ def chunked_memory(
     chunk_size: int,
     checkpoint_chunks: bool = True,
 ) -> tuple[Tensor, Weights, Weights]:
-    """Same arguments and results as `titans_mini.memory.per_token_memory`, in parallel.
+    """Same arguments and results as `titans_mini.memory.sequential_memory`, in parallel.
 
     Token t reads its own weights M_t (eq 15), built by the mini-batch rule from the
     chunk-start weights and tokens <= t of its chunk only: it never sees a later token.

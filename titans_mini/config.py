@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .checks import check_int
+
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa")
 
 
@@ -36,6 +38,9 @@ class TitansConfig:
         passed to `NeuralMemory` (see there). MAC needs `window % chunk_size == 0` so
         that a segment ends where a chunk ends: the next segment reads the memory the
         whole previous segment wrote.
+    memory_output_gate: LMM and MAL only: the memory's output is normalised and gated by a
+        linear map of the layer's input before an output projection (section 4.4,
+        `models.GatedMemory`); False adds the memory's output to the residual stream as it is.
     mlp_expansion: hidden width of each block's MLP, in multiples of `dim`.
     checkpoint_memory: recompute memory chunks in backward (`NeuralMemory`'s
         checkpoint_chunks); off by default: our sequences are short, and it is faster.
@@ -54,6 +59,7 @@ class TitansConfig:
     conv_kernel: int = 4
     momentum: bool = True
     forgetting: bool = True
+    memory_output_gate: bool = False
     mlp_expansion: int = 4
     checkpoint_memory: bool = False
 
@@ -61,14 +67,10 @@ class TitansConfig:
         positive = ("vocab_size", "dim", "n_layers", "heads", "window", "memory_depth",
                     "memory_expansion", "chunk_size", "mlp_expansion")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TitansConfig.{name} must be an int >= 1, got {value!r}")
+            check_int(f"TitansConfig.{name}", getattr(self, name), 1)
         for name in ("n_persistent", "conv_kernel"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"TitansConfig.{name} must be an int >= 0, got {value!r}")
-        for name in ("momentum", "forgetting", "checkpoint_memory"):
+            check_int(f"TitansConfig.{name}", getattr(self, name), 0)
+        for name in ("momentum", "forgetting", "memory_output_gate", "checkpoint_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TitansConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.variant not in VARIANTS:

@@ -22,11 +22,13 @@ B sequences has B independent memories, so each weight carries a leading batch a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .state import StreamState
 
 Weights = tuple[Tensor, ...]
 
@@ -74,7 +76,7 @@ def linear_memory_grad(w: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class MemoryState:
+class MemoryState(StreamState):
     """Everything the memory carries from one call to the next.
 
     weights, momentum: M and S at the start of the current chunk, each a tuple of
@@ -103,31 +105,13 @@ class MemoryState:
         """How many tokens of the current chunk are waiting in the state."""
         return self.keys.shape[1]
 
-    def detach(self) -> "MemoryState":
-        """Cut the outer-loop graph (truncated backpropagation through time)."""
-        return self.apply(Tensor.detach)
-
-    def to(self, *args, **kwargs) -> "MemoryState":
-        return self.apply(lambda t: t.to(*args, **kwargs))
-
-    def apply(self, fn) -> "MemoryState":
-        return replace(
-            self,
-            weights=tuple(fn(w) for w in self.weights),
-            momentum=tuple(fn(s) for s in self.momentum),
-            keys=fn(self.keys),
-            values=fn(self.values),
-            gates=fn(self.gates),
-            conv=None if self.conv is None else fn(self.conv),
-        )
-
 
 def _per_token(x: Tensor) -> Tensor:
     """A per-memory scalar (B,) made to broadcast against (B, d_in, d_out)."""
     return x[:, None, None]
 
 
-def per_token_memory(
+def sequential_memory(
     weights: Weights,
     momentum: Weights,
     q: Tensor,

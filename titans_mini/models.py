@@ -9,6 +9,7 @@ variant decides the mixers:
     mag  MemoryAsGate                    eq 26-28
     mal  NeuralMemory, then Attention    eq 29-31 (each with its own residual)
     lmm  NeuralMemory                    the long-term memory alone
+         (with `memory_output_gate`, `GatedMemory` in place of NeuralMemory: section 4.4)
     swa  Attention (sliding window)      baseline, MLP widened to match parameters
 
 Every mixer has the same streaming contract, `forward(x, state=None) -> (y, state)`:
@@ -27,9 +28,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .attention import Attention, KVCache
+from .checks import check_int
 from .config import TitansConfig
 from .memory import MemoryState
 from .neural_memory import NeuralMemory
+from .state import StreamState
 
 
 def make_memory(config: TitansConfig) -> NeuralMemory:
@@ -60,8 +63,30 @@ class GatedOutput(nn.Module):
         return self.out(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
 
 
+class GatedMemory(nn.Module):
+    """The memory as a layer with section 4.4's output: o = W_O (RMSNorm(m) * sigmoid(W_g x)),
+    m = NeuralMemory(x). Used by LMM and MAL when `TitansConfig.memory_output_gate` is on.
+
+    Paper: "normalization and gating with a linear layer before the final output
+    projection", no formula. We normalise the memory's read-out (RMSNorm, learnable
+    scale), gate it elementwise with a sigmoid of a linear map of the layer's input x
+    (so each token decides how much of the memory to let through), and project.
+    """
+
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.memory = make_memory(config)
+        self.norm = nn.RMSNorm(config.dim)
+        self.to_gate = nn.Linear(config.dim, config.dim)
+        self.out = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        m, state = self.memory(x, state)
+        return self.out(self.norm(m) * torch.sigmoid(self.to_gate(x))), state
+
+
 @dataclass
-class MACState:
+class MACState(StreamState):
     """Streaming state of `MemoryAsContext`.
 
     memory: the NeuralMemory state, written with every attention output so far.
@@ -107,8 +132,6 @@ class MemoryAsContext(nn.Module):
         if state is None:
             memory = self.memory.initial_state(x.shape[0], x.device, x.dtype)
             state = MACState(memory, memory.weights, None, None, 0)
-        elif not isinstance(state, MACState):
-            raise TypeError(f"state must be a MACState or None, got {type(state).__name__}")
         outputs, start = [], 0
         while start < x.shape[1]:
             offset = state.pos % self.segment
@@ -128,6 +151,14 @@ class MemoryAsContext(nn.Module):
         return torch.cat(outputs, dim=1), state
 
 
+@dataclass
+class MAGState(StreamState):
+    """Streaming state of `MemoryAsGate`: the sliding window's keys and values, and the memory."""
+
+    attention: KVCache
+    memory: MemoryState
+
+
 class MemoryAsGate(nn.Module):
     """MAG (eq 26-28): sliding-window attention and the memory side by side on the same x,
 
@@ -144,11 +175,11 @@ class MemoryAsGate(nn.Module):
         self.memory = make_memory(config)
         self.gate = GatedOutput(config.dim)
 
-    def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
-        cache, memory = (None, None) if state is None else state
+    def forward(self, x: Tensor, state: MAGState | None = None) -> tuple[Tensor, MAGState]:
+        cache, memory = (None, None) if state is None else (state.attention, state.memory)
         y, cache = self.attention(x, cache)
         m, memory = self.memory(x, memory)
-        return self.gate(y, m), (cache, memory)
+        return self.gate(y, m), MAGState(cache, memory)
 
 
 def make_mixers(config: TitansConfig) -> list[nn.Module]:
@@ -157,10 +188,13 @@ def make_mixers(config: TitansConfig) -> list[nn.Module]:
         return [MemoryAsContext(config)]
     if config.variant == "mag":
         return [MemoryAsGate(config)]
-    if config.variant == "mal":  # eq 29-31: the memory layer, then attention over its output
-        return [make_memory(config), make_attention(config, window=config.window)]
-    if config.variant == "lmm":
-        return [make_memory(config)]
+    if config.variant in ("mal", "lmm"):
+        # MAL (eq 29): paper y = M([persistent || x]); as for MAG, we do not write the persistent
+        # tokens into the memory: the learned M_0 already plays the part of a fixed prefix written first.
+        memory = GatedMemory(config) if config.memory_output_gate else make_memory(config)
+        if config.variant == "mal":  # eq 29-31: the memory layer, then attention over its output
+            return [memory, make_attention(config, window=config.window)]
+        return [memory]
     return [make_attention(config, window=config.window)]
 
 
@@ -177,6 +211,21 @@ def mlp_hidden(config: TitansConfig) -> int:
     return hidden + round(extra / (2 * config.dim + 1))
 
 
+@dataclass
+class BlockState(StreamState):
+    """Streaming state of a `Block`: one state per sequence mixer, in order (MAL: memory, attention)."""
+
+    mixers: tuple
+
+
+@dataclass
+class TitansState(StreamState):
+    """Streaming state of a `TitansLM`: one `BlockState` per block. `tokens`: how many it has read."""
+
+    blocks: tuple[BlockState, ...]
+    tokens: int
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)) for each mixer, then x + MLP(norm(x))."""
 
@@ -188,14 +237,14 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.dim)
         self.mlp = nn.Sequential(nn.Linear(config.dim, hidden), nn.GELU(), nn.Linear(hidden, config.dim))
 
-    def forward(self, x: Tensor, state: list | None = None) -> tuple[Tensor, list]:
-        state = [None] * len(self.mixers) if state is None else state
-        new_state = []
-        for mixer, norm, s in zip(self.mixers, self.mixer_norms, state):
+    def forward(self, x: Tensor, state: BlockState | None = None) -> tuple[Tensor, BlockState]:
+        states = (None,) * len(self.mixers) if state is None else state.mixers
+        new_states = []
+        for mixer, norm, s in zip(self.mixers, self.mixer_norms, states):
             y, s = mixer(norm(x), s)
             x = x + y
-            new_state.append(s)
-        return x + self.mlp(self.mlp_norm(x)), new_state
+            new_states.append(s)
+        return x + self.mlp(self.mlp_norm(x)), BlockState(tuple(new_states))
 
 
 class TitansLM(nn.Module):
@@ -205,7 +254,9 @@ class TitansLM(nn.Module):
     hidden_states(input_ids, state=None) -> (h (B, T, dim), state)   (logits = head(h))
     generate(input_ids, max_new_tokens, ...) -> (new ids (B, n), state)
 
-    `state` is a list with one entry per block (None = the start of a stream).
+    `state` is a `TitansState` (None = the start of a stream): pass the returned one to the
+    next call to continue the stream; `state.detach()` between calls cuts the gradient there
+    (truncated backpropagation through time) without changing the outputs.
     """
 
     def __init__(self, config: TitansConfig):
@@ -221,7 +272,7 @@ class TitansLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _check(self, input_ids: Tensor, state: list | None) -> None:
+    def _check(self, input_ids: Tensor, state: TitansState | None) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
             got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
             raise TypeError(f"input_ids must be an integer tensor, got {got}")
@@ -230,35 +281,36 @@ class TitansLM(nn.Module):
         if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
                              f"got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
-        if state is not None and (not isinstance(state, list) or len(state) != len(self.blocks)):
-            raise ValueError(f"state must be None or the list of {len(self.blocks)} block states "
-                             "returned by an earlier call of this model")
+        if state is not None and not (isinstance(state, TitansState) and len(state.blocks) == len(self.blocks)):
+            raise TypeError(f"state must be None or the TitansState of {len(self.blocks)} blocks returned by an "
+                            f"earlier call of this model, got {type(state).__name__}")
 
-    def hidden_states(self, input_ids: Tensor, state: list | None = None) -> tuple[Tensor, list]:
+    def hidden_states(self, input_ids: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
         self._check(input_ids, state)
         x = self.embed(input_ids.long())
-        state = [None] * len(self.blocks) if state is None else state
-        new_state = []
-        for block, s in zip(self.blocks, state):
+        blocks = (None,) * len(self.blocks) if state is None else state.blocks
+        new_blocks = []
+        for block, s in zip(self.blocks, blocks):
             x, s = block(x, s)
-            new_state.append(s)
-        return self.norm(x), new_state
+            new_blocks.append(s)
+        tokens = input_ids.shape[1] + (0 if state is None else state.tokens)
+        return self.norm(x), TitansState(tuple(new_blocks), tokens)
 
-    def forward(self, input_ids: Tensor, state: list | None = None) -> tuple[Tensor, list]:
+    def forward(self, input_ids: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
         h, state = self.hidden_states(input_ids, state)
         return self.head(h), state
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, state: list | None = None) -> tuple[Tensor, list]:
+                 generator: torch.Generator | None = None, state: TitansState | None = None
+                 ) -> tuple[Tensor, TitansState]:
         """Stream `max_new_tokens` tokens after `input_ids`, one forward step per token.
 
         temperature 0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
         Pass `state` to continue a stream (input_ids then follow what it has seen). The
         returned state continues after the last generated token, which it has read.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, 1)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
         logits, state = self(input_ids, state)

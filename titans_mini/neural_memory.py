@@ -17,10 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_int
 from .chunked import chunked_memory
-from .memory import MemoryState, memory_forward, per_token_memory
+from .memory import MemoryState, memory_forward, sequential_memory
 
-PATHS = {"chunked": chunked_memory, "per_token": per_token_memory}
 
 
 def inner_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,7 +36,8 @@ class NeuralMemory(nn.Module):
         depth: memory MLP layers (>= 1). 1 is a matrix memory (online linear regression).
         chunk_size: tokens per chunk of the mini-batch rule (section 3.2); 1 = per token.
         expansion: hidden width of a deep memory is expansion * dim (paper: unspecified).
-        conv_kernel: causal depthwise convolution after the q, k, v projections (4.4);
+        conv_kernel: causal depthwise convolution after the q, k, v projections (4.4;
+            paper: depthwise-separable, see `project`);
             0 turns it off.
         qkv_silu, qk_l2norm: SiLU on q, k, v and l2-normalised q, k (4.4); switchable.
         v_l2norm: l2-normalised values too (paper: not normalised; see below).
@@ -45,7 +46,11 @@ class NeuralMemory(nn.Module):
         eta_max: the largest momentum gate (see below).
         theta_init, eta_init, alpha_init: the gates' values at initialisation
             (theta_init None = theta_max / 2).
-        checkpoint_chunks: recompute each chunk in backward (chunked path), so training
+        sequential: run the inner loop one token at a time (`memory.sequential_memory`, the
+            reference) instead of in parallel (`chunked.chunked_memory`): the same rule and
+            the same outputs, much slower; for checking and teaching. An attribute you may
+            switch on an existing memory.
+        checkpoint_chunks: recompute each chunk in backward (parallel path), so training
             memory grows with the chunk size, not the sequence length; off is faster.
 
     Gates (paper: "functions of x_t", no formula given): we use one linear map of x_t to
@@ -103,14 +108,13 @@ class NeuralMemory(nn.Module):
         eta_max: float = 0.9,
         eta_init: float = 0.5,
         alpha_init: float = 0.01,
+        sequential: bool = False,
         checkpoint_chunks: bool = True,
     ):
         super().__init__()
         for name, value in {"dim": dim, "depth": depth, "chunk_size": chunk_size, "expansion": expansion}.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(conv_kernel, int) or conv_kernel < 0:
-            raise ValueError(f"conv_kernel must be an integer >= 0 (0 = no convolution), got {conv_kernel!r}")
+            check_int(name, value, 1)
+        check_int("conv_kernel (0 = no convolution)", conv_kernel, 0)
         theta_max = 0.25 / chunk_size if theta_max is None else theta_max
         theta_init = theta_max / 2 if theta_init is None else theta_init
         if not theta_max > 0:
@@ -129,7 +133,7 @@ class NeuralMemory(nn.Module):
         self.conv_kernel, self.qkv_silu, self.qk_l2norm = conv_kernel, qkv_silu, qk_l2norm
         self.v_l2norm = v_l2norm
         self.momentum, self.forgetting, self.theta_max, self.eta_max = momentum, forgetting, theta_max, eta_max
-        self.checkpoint_chunks = checkpoint_chunks
+        self.sequential, self.checkpoint_chunks = sequential, checkpoint_chunks
 
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = nn.Parameter(torch.randn(3 * dim, conv_kernel) / math.sqrt(conv_kernel)) if conv_kernel else None
@@ -146,7 +150,13 @@ class NeuralMemory(nn.Module):
 
     # ----------------------------------------------------------------- pieces
     def project(self, x: Tensor, conv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """q, k, v of eq 11 and 15 (section 4.4), and the convolution's new tail."""
+        """q, k, v of eq 11 and 15 (section 4.4), and the convolution's new tail.
+
+        Paper: a depthwise-separable convolution, i.e. a depthwise filter over time then a
+        pointwise (1x1) channel mix. We keep the depthwise filter only: the pointwise part
+        would be one more dim x dim linear map per q, k, v (3 dim^2 parameters) right after
+        the projections W_Q, W_K, W_V, which already mix the channels.
+        """
         qkv = self.to_qkv(x)
         if self.conv is not None:
             if conv is None:
@@ -188,7 +198,7 @@ class NeuralMemory(nn.Module):
         )
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: Tensor, state: MemoryState | None = None, *, path: str = "chunked") -> tuple[Tensor, MemoryState]:
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
         """Write x into the memory and read it back: y_t = M_t(q_t).
 
         Args:
@@ -196,8 +206,6 @@ class NeuralMemory(nn.Module):
             state: a `MemoryState` from an earlier call (or None for M_0): feeding a
                 stream whole, or in pieces with the state passed on, gives the same
                 outputs and the same final state.
-            path: "chunked" (parallel, `titans_mini.chunked`) or "per_token" (the
-                reference loop of `titans_mini.memory`). Both apply the same rule.
         Returns:
             y (B, T, dim) and the new state.
 
@@ -205,8 +213,6 @@ class NeuralMemory(nn.Module):
         updates would drown in half-precision rounding.
         """
         self._check_input(x, "x")
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
         state = self.initial_state(x.shape[0], x.device, x.dtype) if state is None else state
         self._check_state(state, x)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -216,10 +222,12 @@ class NeuralMemory(nn.Module):
             seen = state.pending  # tokens of the current chunk already in the state
             k, v, gates = (torch.cat([old, new], dim=1) for old, new in ((state.keys, k), (state.values, v), (state.gates, gates)))
             q = F.pad(q, (0, 0, seen, 0))  # those tokens were read in an earlier call
-            options = {"checkpoint_chunks": self.checkpoint_chunks} if path == "chunked" else {}
-            y, weights, momentum = PATHS[path](
-                state.weights, state.momentum, q, k, v, *gates.unbind(-1), chunk_size=self.chunk_size, **options
-            )
+            inputs = (state.weights, state.momentum, q, k, v, *gates.unbind(-1))
+            if self.sequential:
+                y, weights, momentum = sequential_memory(*inputs, chunk_size=self.chunk_size)
+            else:
+                y, weights, momentum = chunked_memory(*inputs, chunk_size=self.chunk_size,
+                                                      checkpoint_chunks=self.checkpoint_chunks)
             keep = k.shape[1] % self.chunk_size
             start = k.shape[1] - keep
             new_state = MemoryState(weights, momentum, k[:, start:], v[:, start:], gates[:, start:], conv)

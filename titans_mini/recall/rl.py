@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checks import check_int
 from ..config import TitansConfig
 from ..grpo import GRPOSettings, grpo_step, make_optimizer
 from .tasks import passkey_batch, passkey_prompts, recall_reward
@@ -58,13 +59,9 @@ class RecallSetup:
             raise TypeError("RecallSetup.model must be a TitansConfig and RecallSetup.grpo a GRPOSettings")
         for name in ("distance", "warmup_distance", "batch_size", "check_every", "max_pretrain_steps",
                      "prompts_per_step", "eval_prompts", "eval_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"RecallSetup.{name} must be an int >= 1, got {value!r}")
+            check_int(f"RecallSetup.{name}", getattr(self, name), 1)
         for name in ("warmup_steps", "grpo_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"RecallSetup.{name} must be an int >= 0, got {value!r}")
+            check_int(f"RecallSetup.{name}", getattr(self, name), 0)
         if not 0 < self.stop_at <= 1 or self.pretrain_lr <= 0:
             raise ValueError(f"RecallSetup needs 0 < stop_at <= 1 and pretrain_lr > 0, "
                              f"got {self.stop_at!r}, {self.pretrain_lr!r}")

@@ -17,6 +17,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from ..checks import check_int
+
 SPECIALS = ["<pad>", "<bos>", "<key>", "<query>", "<eos>"]
 PAD, BOS, KEY, QUERY, EOS = range(len(SPECIALS))
 N_FILLER, N_KEYS, N_VALUES = 16, 64, 64
@@ -46,19 +48,12 @@ def decode(ids: Tensor | Sequence[int]) -> str:
     return " ".join(TOKENS[i] for i in ids.tolist())
 
 
-def _check(name: str, value: int, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {'inf' if high is None else high}], got {value}")
-
-
 def _sample_pairs(batch: int, n_pairs: int, n_keys: int, n_values: int,
                   generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """``n_pairs`` distinct keys per row (so every query has one answer), random values."""
-    _check("n_keys", n_keys, 1, N_KEYS)
-    _check("n_values", n_values, 1, N_VALUES)
-    _check("n_pairs", n_pairs, 1, n_keys)
+    check_int("n_keys", n_keys, 1, N_KEYS)
+    check_int("n_values", n_values, 1, N_VALUES)
+    check_int("n_pairs", n_pairs, 1, n_keys)
     keys = torch.rand(batch, n_keys, generator=generator).argsort(1)[:, :n_pairs] + KEY0
     values = torch.randint(VALUE0, VALUE0 + n_values, (batch, n_pairs), generator=generator)
     return keys, values
@@ -72,9 +67,9 @@ def passkey_length(distance: int) -> int:
 
 def _passkey(batch: int, distance: int, seq_len: int, offsets: Tensor | None, n_pairs: int,
              n_keys: int, n_values: int, generator: torch.Generator | None) -> dict[str, Tensor]:
-    _check("batch", batch, 1)
-    _check("distance", distance, 1)
-    _check("seq_len", seq_len, passkey_length(distance))
+    check_int("batch", batch, 1)
+    check_int("distance", distance, 1)
+    check_int("seq_len", seq_len, passkey_length(distance))
     keys, values = _sample_pairs(batch, n_pairs, n_keys, n_values, generator)
     n_extra = n_pairs - 1
     if 3 * n_extra > distance - 1:
@@ -113,7 +108,7 @@ def passkey_batch(batch: int, distance: int, *, seq_len: int | None = None, n_pa
     ``n_pairs - 1`` distractor triples ``<key> k' v'`` (distinct keys) replace fillers
     between the needle and the query; they need ``distance >= 3 (n_pairs - 1) + 1``.
     """
-    _check("distance", distance, 1)
+    check_int("distance", distance, 1)
     seq_len = passkey_length(distance) if seq_len is None else seq_len
     return _passkey(batch, distance, seq_len, None, n_pairs, n_keys, n_values, generator)
 
@@ -124,8 +119,8 @@ def passkey_prompts(batch: int, distance: int, *, prefix: int = 0, n_pairs: int 
     """Passkey prompts for generation / GRPO: ``{"prompt_ids" (B, prefix + distance + 5),
     "answers" (B,)}``. Same layout as ``passkey_batch`` with ``prefix`` fillers before
     the needle, cut right after ``<query> k``: the next token should be the answer."""
-    _check("prefix", prefix, 0)
-    _check("distance", distance, 1)
+    check_int("prefix", prefix, 0)
+    check_int("distance", distance, 1)
     rows = _passkey(batch, distance, prefix + passkey_length(distance), torch.full((batch,), prefix),
                     n_pairs, n_keys, n_values, generator)["input_ids"]
     return {"prompt_ids": rows[:, :-1], "answers": rows[:, -1]}
@@ -141,10 +136,10 @@ def mqar_batch(batch: int, n_pairs: int, n_queries: int, *, gap: int = 0, n_keys
     at each ``q_i`` is ``a_i``. Zoology has no ``<query>`` marker; we add one so both
     tasks share a vocabulary and the model knows where recall starts.
     """
-    _check("batch", batch, 1)
-    _check("gap", gap, 0)
+    check_int("batch", batch, 1)
+    check_int("gap", gap, 0)
     keys, values = _sample_pairs(batch, n_pairs, n_keys, n_values, generator)
-    _check("n_queries", n_queries, 1, n_pairs)
+    check_int("n_queries", n_queries, 1, n_pairs)
     pick = torch.rand(batch, n_pairs, generator=generator).argsort(1)[:, :n_queries]
     asked, answers = keys.gather(1, pick), values.gather(1, pick)
     pairs = lambda a, b: rearrange(torch.stack([a, b], -1), "b n two -> b (n two)")  # noqa: E731
