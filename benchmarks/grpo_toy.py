@@ -13,6 +13,7 @@ and learning stops on a wrong answer. zero_std_frac -> 1 also happens on success
     python -m benchmarks.grpo_toy      # from the repo root; ~10 s on 1 CPU thread
 """
 
+import argparse
 import time
 from dataclasses import replace
 
@@ -66,7 +67,9 @@ def evaluate(policy: nn.Module, gen: torch.Generator, n: int = 512) -> tuple[flo
     return copy_reward(prompts, sampled, mask).mean().item(), exact.mean().item()
 
 
-def train(settings: GRPOSettings, steps: int, prompts_per_step: int, log_every: int, seed: int = 0) -> WindowPolicy:
+def train(settings: GRPOSettings, steps: int, prompts_per_step: int, log_every: int,
+          seed: int = 0) -> tuple[float, float, dict]:
+    """Train a fresh policy with GRPO; returns the sampled reward before and after, and the last step's metrics."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     policy = WindowPolicy()
@@ -81,23 +84,26 @@ def train(settings: GRPOSettings, steps: int, prompts_per_step: int, log_every: 
                   f"  {m['ratio_dev']:9.4f}  {m['grad_norm']:9.4f}  {m['loss']:+.4f}")
     after = evaluate(policy, torch.Generator().manual_seed(1234))
     print(f"  after:  sampled reward {after[0]:.3f}, greedy exact copy {after[1]:.3f}")
-    return policy
+    return before[0], after[0], m
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)  # --help, nothing to set
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     print(f"Part 1: copy {K} digits, G=8, 16 prompts/step, lr=3e-3, 2 iterations per batch (rho != 1 on the 2nd)")
     good = GRPOSettings(group_size=8, max_new_tokens=K, lr=3e-3, num_iterations=2, loss_type="dapo")
-    train(good, steps=150, prompts_per_step=16, log_every=25)
+    before, after, _ = train(good, steps=150, prompts_per_step=16, log_every=25)
     t1 = time.perf_counter()
     print(f"  time {t1 - t0:.1f} s\n")
 
     print("Part 2: collapse, the same run with lr=0.1 (30x too high)")
-    train(replace(good, lr=0.1), steps=60, prompts_per_step=16, log_every=10)
+    _, collapsed, last = train(replace(good, lr=0.1), steps=60, prompts_per_step=16, log_every=10)
     print(f"  time {time.perf_counter() - t1:.1f} s")
     print("zero_std_frac -> 1 at a low reward: each group's completions are identical, every advantage"
           " is 0, the gradient vanishes and the reward stays where the collapse left it.")
+    print(f"summary reward_before={before:.3f} reward_after={after:.3f} collapse_reward={collapsed:.3f} "
+          f"collapse_zero_std_frac={last['zero_std_frac']:.2f}")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             json.dump({"budget": budget.__dict__, "eval_distances": EVAL_DISTANCES, "reach": REACH,
                        "ablated": args.ablate, "records": records}, f, indent=1)
     print(f"total time {time.perf_counter() - start:.0f} s")
+    beyond_reach = {name: sum(beyond(r) for r in records if r["name"] == name) / len(args.seeds) for name in names}
+    print("summary " + " ".join(f"{name.replace(' ', '_')}_beyond={value:.3f}" for name, value in beyond_reach.items()))
     return records
 
 

@@ -40,7 +40,10 @@ class TitansConfig:
         whole previous segment wrote.
     memory_output_gate: LMM and MAL only: the memory's output is normalised and gated by a
         linear map of the layer's input before an output projection (section 4.4,
-        `models.GatedMemory`); False adds the memory's output to the residual stream as it is.
+        `models.GatedMemory`); False adds the memory's output to the residual stream as it
+        is. On by default: on passkey recall with 4 distractor pairs (3 seeds, 600 steps)
+        it lifted MAL beyond attention's reach from 0.97 to 1.00 (final loss 0.30 -> 0.008)
+        and tied for LMM (1.00 both); it adds 2 dim^2 + dim parameters per memory layer.
     mlp_expansion: hidden width of each block's MLP, in multiples of `dim`.
     checkpoint_memory: recompute memory chunks in backward (`NeuralMemory`'s
         checkpoint_chunks); off by default: our sequences are short, and it is faster.
@@ -59,7 +62,7 @@ class TitansConfig:
     conv_kernel: int = 4
     momentum: bool = True
     forgetting: bool = True
-    memory_output_gate: bool = False
+    memory_output_gate: bool = True
     mlp_expansion: int = 4
     checkpoint_memory: bool = False
 
