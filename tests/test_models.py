@@ -20,9 +20,13 @@ def ids(batch: int = 2, steps: int = 29, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, TitansConfig().vocab_size, (batch, steps), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_stream_in_pieces_equals_whole(variant):
-    lm, x = model(variant), ids()
+# every variant at its defaults, and the two memory layers with the output gate switched the other way
+VARIANTS_AND_GATES = [(v, None) for v in VARIANTS] + [("lmm", True), ("mal", False)]
+
+
+@pytest.mark.parametrize("variant, gate", VARIANTS_AND_GATES)
+def test_stream_in_pieces_equals_whole(variant, gate):
+    lm, x = model(variant, memory_output_gate=gate), ids()
     with torch.no_grad():
         whole, _ = lm(x)
         pieces, state = [], None
@@ -32,9 +36,9 @@ def test_stream_in_pieces_equals_whole(variant):
     torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_causal_perturbing_the_future_leaves_the_past(variant):
-    lm, x = model(variant), ids()
+@pytest.mark.parametrize("variant, gate", VARIANTS_AND_GATES)
+def test_causal_perturbing_the_future_leaves_the_past(variant, gate):
+    lm, x = model(variant, memory_output_gate=gate), ids()
     t = 13  # inside MAC's second segment (window 8), not at its start
     changed = x.clone()
     changed[:, t] = (changed[:, t] + 1) % lm.config.vocab_size
@@ -157,6 +161,7 @@ def test_swa_baseline_has_about_the_parameters_of_the_memory_variants():
         (dict(n_persistent=-1), "n_persistent"),
         (dict(chunk_size=2.5), "chunk_size"),
         (dict(momentum="yes"), "momentum"),
+        (dict(memory_output_gate="yes"), "memory_output_gate"),
     ],
 )
 def test_bad_config_is_refused(changes, match):

@@ -38,12 +38,14 @@ class TitansConfig:
         passed to `NeuralMemory` (see there). MAC needs `window % chunk_size == 0` so
         that a segment ends where a chunk ends: the next segment reads the memory the
         whole previous segment wrote.
-    memory_output_gate: LMM and MAL only: the memory's output is normalised and gated by a
-        linear map of the layer's input before an output projection (section 4.4,
+    memory_output_gate: LMM and MAL only: True normalises the memory's output and gates it
+        by a linear map of the layer's input before an output projection (section 4.4,
         `models.GatedMemory`); False adds the memory's output to the residual stream as it
-        is. On by default: on passkey recall with 4 distractor pairs (3 seeds, 600 steps)
-        it lifted MAL beyond attention's reach from 0.97 to 1.00 (final loss 0.30 -> 0.008)
-        and tied for LMM (1.00 both); it adds 2 dim^2 + dim parameters per memory layer.
+        is; None (the default) chooses by variant, as measured on passkey recall with 4
+        distractor pairs (3 seeds, 600 steps): on for MAL (beyond attention's reach 0.97 ->
+        1.00, final loss 0.30 -> 0.008), off for LMM (1.00 either way, but the gated memory
+        alone learned slower: in a 250-step recipe of dim 32 it stayed at chance where the
+        plain one reached 0.95). The gate adds 2 dim^2 + dim parameters per memory layer.
     mlp_expansion: hidden width of each block's MLP, in multiples of `dim`.
     checkpoint_memory: recompute memory chunks in backward (`NeuralMemory`'s
         checkpoint_chunks); off by default: our sequences are short, and it is faster.
@@ -62,7 +64,7 @@ class TitansConfig:
     conv_kernel: int = 4
     momentum: bool = True
     forgetting: bool = True
-    memory_output_gate: bool = True
+    memory_output_gate: bool | None = None
     mlp_expansion: int = 4
     checkpoint_memory: bool = False
 
@@ -73,9 +75,12 @@ class TitansConfig:
             check_int(f"TitansConfig.{name}", getattr(self, name), 1)
         for name in ("n_persistent", "conv_kernel"):
             check_int(f"TitansConfig.{name}", getattr(self, name), 0)
-        for name in ("momentum", "forgetting", "memory_output_gate", "checkpoint_memory"):
+        for name in ("momentum", "forgetting", "checkpoint_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TitansConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.memory_output_gate is not None and not isinstance(self.memory_output_gate, bool):
+            raise TypeError(f"TitansConfig.memory_output_gate must be None (by variant) or a bool, "
+                            f"got {self.memory_output_gate!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"TitansConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
@@ -84,6 +89,11 @@ class TitansConfig:
         if self.variant == "mac" and self.window % self.chunk_size:
             raise ValueError(f"TitansConfig.window (MAC's segment length, {self.window}) must be a "
                              f"multiple of chunk_size={self.chunk_size}")
+
+    @property
+    def gates_memory_output(self) -> bool:
+        """Whether LMM's or MAL's memory output is normalised and gated (see memory_output_gate)."""
+        return self.variant == "mal" if self.memory_output_gate is None else self.memory_output_gate
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

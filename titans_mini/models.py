@@ -7,9 +7,8 @@ variant decides the mixers:
 
     mac  MemoryAsContext                 eq 21-25
     mag  MemoryAsGate                    eq 26-28
-    mal  NeuralMemory, then Attention    eq 29-31 (each with its own residual)
-    lmm  NeuralMemory                    the long-term memory alone
-         (with `memory_output_gate`, `GatedMemory` in place of NeuralMemory: section 4.4)
+    mal  GatedMemory, then Attention     eq 29-31 (each with its own residual; section 4.4's output gate)
+    lmm  NeuralMemory                    the long-term memory alone (GatedMemory on request)
     swa  Attention (sliding window)      baseline, MLP widened to match parameters
 
 Every mixer has the same streaming contract, `forward(x, state=None) -> (y, state)`:
@@ -65,7 +64,7 @@ class GatedOutput(nn.Module):
 
 class GatedMemory(nn.Module):
     """The memory as a layer with section 4.4's output: o = W_O (RMSNorm(m) * sigmoid(W_g x)),
-    m = NeuralMemory(x). Used by LMM and MAL when `TitansConfig.memory_output_gate` is on.
+    m = NeuralMemory(x). Used by MAL, and by LMM on request (`TitansConfig.memory_output_gate`).
 
     Paper: "normalization and gating with a linear layer before the final output
     projection", no formula. We normalise the memory's read-out (RMSNorm, learnable
@@ -191,7 +190,7 @@ def make_mixers(config: TitansConfig) -> list[nn.Module]:
     if config.variant in ("mal", "lmm"):
         # MAL (eq 29): paper y = M([persistent || x]); as for MAG, we do not write the persistent
         # tokens into the memory: the learned M_0 already plays the part of a fixed prefix written first.
-        memory = GatedMemory(config) if config.memory_output_gate else make_memory(config)
+        memory = GatedMemory(config) if config.gates_memory_output else make_memory(config)
         if config.variant == "mal":  # eq 29-31: the memory layer, then attention over its output
             return [memory, make_attention(config, window=config.window)]
         return [memory]
