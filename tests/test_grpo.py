@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from titans_mini import grpo
 from titans_mini.grpo import (
     GRPOSettings,
     aggregate,

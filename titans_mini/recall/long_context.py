@@ -1,0 +1,74 @@
+"""Passkey recall over long contexts, and what the memory's gates do along the way.
+
+A needle thousands of tokens back cannot be evaluated in one forward pass over a batch on a
+laptop (the activations grow with the length), but a `TitansLM` carries a state of fixed
+size: we feed each prompt in pieces of `piece` tokens, passing the state on, and read the
+answer at the end. The model guarantees that this equals one pass over the whole prompt.
+
+    streamed_recall(model, distance)   greedy recall accuracy with the needle `distance` back
+    gate_trace(model, ids)             theta_t, eta_t, alpha_t of every memory layer, per token
+    survival(alpha)                    prod (1 - alpha_t): how much of a write forgetting leaves
+
+The haystack is the passkey task's (`tasks.passkey_prompts`): random filler tokens from
+16, the needle `<key> k v` at the start, the question `<query> k` at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..checks import check_int
+from ..neural_memory import NeuralMemory
+from .tasks import passkey_prompts
+
+
+@torch.no_grad()
+def streamed_recall(model: nn.Module, distance: int, *, n: int = 64, piece: int = 1024, seed: int = 1234) -> float:
+    """Greedy accuracy on `n` passkey prompts whose question comes `distance` tokens after
+    the value (chance 1/64), each prompt streamed in pieces of `piece` tokens."""
+    check_int("distance", distance, 1)
+    check_int("piece", piece, 1)
+    device = next(model.parameters()).device
+    prompts = passkey_prompts(n, distance, generator=torch.Generator().manual_seed(seed))
+    ids, answers = prompts["prompt_ids"].to(device), prompts["answers"].to(device)
+    state = None
+    for part in ids.split(piece, dim=1):
+        logits, state = model(part, state)
+    return (logits[:, -1].argmax(-1) == answers).float().mean().item()
+
+
+@torch.no_grad()
+def gate_trace(model: nn.Module, ids: Tensor, *, piece: int = 1024) -> list[dict[str, Tensor]]:
+    """The gates of every `NeuralMemory` in `model` at every token of `ids` (B, T), streamed
+    in pieces: a list (one entry per memory layer, in model order) of
+    {"theta", "eta", "alpha"}, each (B, T'), where T' = T for every variant (MAC's memory
+    reads one attention output per token).
+
+    Gates are functions of what the memory is given to write (section 3.2), so they are
+    read off the memory's input with a forward hook, without changing the model.
+    """
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    if not memories:
+        raise ValueError("the model has no NeuralMemory (variant 'swa' has no long-term memory)")
+    inputs: dict[int, list[Tensor]] = {i: [] for i in range(len(memories))}
+    hooks = [m.register_forward_hook(lambda module, args, out, i=i: inputs[i].append(args[0]))
+             for i, m in enumerate(memories)]
+    try:
+        state = None
+        for part in ids.split(piece, dim=1):
+            _, state = model(part, state)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    trace = []
+    for memory, xs in zip(memories, inputs.values()):
+        theta, eta, alpha = memory.gates(torch.cat(xs, dim=1).float())
+        trace.append({"theta": theta, "eta": eta, "alpha": alpha})
+    return trace
+
+
+def survival(alpha: Tensor) -> Tensor:
+    """prod_t (1 - alpha_t) along the last axis: the share of a write that forgetting (eq 13)
+    leaves after the tokens of `alpha`, ignoring what later writes overwrite."""
+    return torch.log1p(-alpha.double()).sum(-1).exp()
