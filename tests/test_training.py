@@ -75,3 +75,12 @@ def test_distractor_pairs_fit_between_needle_and_question():
     for distance in (4, 10, 40):
         batch = passkey_batch(8, distance, n_pairs=pairs_at(distance, 4), generator=torch.Generator().manual_seed(0))
         assert ((batch["input_ids"] == KEY).sum(1) == pairs_at(distance, 4)).all()  # passkey_batch builds them
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 10, 11])
+def test_train_passkey_runs_any_number_of_steps(steps):
+    """The learning-rate schedule must not break short runs (OneCycleLR divides by its phase length)."""
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig(variant="lmm", dim=16, n_layers=1, heads=2, window=8, chunk_size=4))
+    history = train_passkey(model, steps, distances=(2, 6), seq_len=12, batch_size=4, progress=False)
+    assert len(history) == steps and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)

@@ -83,7 +83,10 @@ def train_passkey(model: nn.Module, steps: int, *, distances: tuple[int, int], s
     device = device or next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # one cycle: warm up over 10% of the steps, then anneal; a run of 10 steps or fewer (a smoke
+    # test) keeps the learning rate constant: OneCycleLR divides by zero on some short lengths
+    schedule = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+                if steps > 10 else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
     model.train()
     history = []
     for step in tqdm(range(steps), disable=not progress, desc="train", leave=False):
