@@ -1,7 +1,8 @@
 """Save and load a `TitansLM`: its config and weights in one file, loaded with `weights_only=True`.
 
 `ASSETS` is the folder of files shipped inside the package (so they exist on Colab too):
-the passkey model and results of `benchmarks/passkey.py` that notebook 05 loads.
+the passkey model and results of `benchmarks/passkey.py` that notebook 05 loads, and the
+long-context model of `benchmarks/long_context.py`.
 
 `torch.load(weights_only=True)` unpickles only tensors and plain containers, so a
 checkpoint from someone else cannot run code on your machine. The config travels as a
