@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 
 import torch
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
                         help="train further first, stage by stage, e.g. 400:1024 300:4096")
     parser.add_argument("--first-stage-seed", type=int, default=0, help="seed of the first --finetune stage (then +1 each)")
     parser.add_argument("--save", default=None, help="save the (fine-tuned) model here")
+    parser.add_argument("--json", default=None, help="write the accuracies, gates and costs to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     n = 32 if args.quick else 256
@@ -116,9 +118,15 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
         print(f"{layer:5d} {alpha.mean().item():8.4f}" + "".join(f"{k:9.1e}" for k in kept))
 
     print("\ncost of one new token after a context (streamed, one prompt)")
+    costs = {}
     for context in args.contexts:
         ms, numbers = cost_per_token(model, context)
+        costs[context] = {"ms_per_token": round(ms, 2), "state_numbers": numbers}
         print(f"context {context:6,d}: {ms:.2f} ms per token, state {numbers:,} numbers")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": info, "prompts_per_distance": n, "accuracy": accuracy, "costs": costs,
+                       "mean_alpha": [g["alpha"][:, needle + 1:].mean().item() for g in trace]}, f, indent=1)
 
     at_16k = f"{accuracy[16384]:.3f}" if 16384 in accuracy else "na"
     print(f"summary niah_best_16k={at_16k} variant={model.config.variant} swa_16k=na full_attention_16k=na")

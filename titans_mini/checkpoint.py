@@ -2,7 +2,7 @@
 
 `ASSETS` is the folder of files shipped inside the package (so they exist on Colab too):
 the passkey model and results of `benchmarks/passkey.py` that notebook 05 loads, and the
-long-context model of `benchmarks/long_context.py`.
+long-context model and results of `benchmarks/long_context.py` that notebook 08 loads.
 
 `torch.load(weights_only=True)` unpickles only tensors and plain containers, so a
 checkpoint from someone else cannot run code on your machine. The config travels as a
