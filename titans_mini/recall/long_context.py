@@ -7,7 +7,7 @@ answer at the end. The model guarantees that this equals one pass over the whole
 
     streamed_recall(model, distance)   greedy recall accuracy with the needle `distance` back
     gate_trace(model, ids)             theta_t, eta_t, alpha_t of every memory layer, per token
-    survival(alpha)                    prod (1 - alpha_t): how much of a write forgetting leaves
+    survival(alpha)                    prod (1 - alpha_t): how much of a write forgetting leaves (on the CPU)
 
 The haystack is the passkey task's (`tasks.passkey_prompts`): random filler tokens from
 16, the needle `<key> k v` at the start, the question `<query> k` at the end.
@@ -71,4 +71,4 @@ def gate_trace(model: nn.Module, ids: Tensor, *, piece: int = 1024) -> list[dict
 def survival(alpha: Tensor) -> Tensor:
     """prod_t (1 - alpha_t) along the last axis: the share of a write that forgetting (eq 13)
     leaves after the tokens of `alpha`, ignoring what later writes overwrite."""
-    return torch.log1p(-alpha.double()).sum(-1).exp()
+    return torch.log1p(-alpha.detach().to("cpu", torch.float64)).sum(-1).exp()  # on the CPU: MPS has no float64
