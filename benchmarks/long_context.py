@@ -27,46 +27,18 @@ usual curriculum, batch 16, learning rate 1e-3), and the result is measured (and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
 import torch
 
 from titans_mini.checkpoint import ASSETS, load_checkpoint, save_checkpoint
-from titans_mini.recall.long_context import gate_trace, streamed_recall, survival
+from titans_mini.recall.long_context import gate_trace, streamed_recall, survival, time_per_token
 from titans_mini.recall.tasks import passkey_length, passkey_prompts
 from titans_mini.recall.training import train_passkey
 
 DISTANCES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 COST_CONTEXTS = (1024, 4096, 16384)
-
-
-def count_numbers(x) -> int:
-    """Elements of every tensor in a (nested) state."""
-    if isinstance(x, torch.Tensor):
-        return x.numel()
-    if dataclasses.is_dataclass(x):
-        return sum(count_numbers(getattr(x, f.name)) for f in dataclasses.fields(x))
-    if isinstance(x, (list, tuple)):
-        return sum(count_numbers(v) for v in x)
-    return 0
-
-
-@torch.no_grad()
-def cost_per_token(model, context: int, new_tokens: int = 64) -> tuple[float, int]:
-    """(ms per new token after `context` tokens, numbers in the state): one prompt streamed in
-    pieces, then `new_tokens` single-token steps timed."""
-    ids = passkey_prompts(1, context, generator=torch.Generator().manual_seed(0))["prompt_ids"]
-    state = None
-    for part in ids.split(1024, dim=1):
-        logits, state = model(part, state)
-    token = logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        logits, state = model(token, state)
-        token = logits[:, -1:].argmax(-1)
-    return 1e3 * (time.perf_counter() - start) / new_tokens, count_numbers(state)
 
 
 def main(argv: list[str] | None = None) -> dict[int, float]:
@@ -117,10 +89,10 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
         kept = [survival(alpha[:, :d]).mean().item() for d in args.distances]
         print(f"{layer:5d} {alpha.mean().item():8.4f}" + "".join(f"{k:9.1e}" for k in kept))
 
-    print("\ncost of one new token after a context (streamed, one prompt)")
+    print("\ncost of one new token after a context (streamed, one prompt; median of 5 blocks of 16 tokens)")
     costs = {}
     for context in args.contexts:
-        ms, numbers = cost_per_token(model, context)
+        ms, numbers = time_per_token(model, context)
         costs[context] = {"ms_per_token": round(ms, 2), "state_numbers": numbers}
         print(f"context {context:6,d}: {ms:.2f} ms per token, state {numbers:,} numbers")
     if args.json:

@@ -9,7 +9,7 @@ import torch
 
 from titans_mini.config import TitansConfig
 from titans_mini.models import TitansLM
-from titans_mini.recall.long_context import gate_trace, streamed_recall, survival
+from titans_mini.recall.long_context import gate_trace, streamed_recall, survival, time_per_token
 from titans_mini.recall.tasks import passkey_prompts
 
 
@@ -47,6 +47,15 @@ def test_gate_trace_refuses_a_model_without_memory():
 def test_survival_is_the_product_of_what_each_step_keeps():
     alpha = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.2, 0.3]])
     torch.testing.assert_close(survival(alpha), torch.tensor([0.25, 0.9 * 0.8 * 0.7], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "swa"])
+def test_the_state_does_not_grow_with_the_context(variant):
+    """800 more tokens (a whole number of memory chunks and windows) leave the state's size
+    unchanged; it varies only with the position inside the current chunk and window."""
+    model = tiny(variant)
+    (ms_short, short), (ms_long, long) = (time_per_token(model, c, blocks=1, block=2) for c in (300, 1100))
+    assert short == long > 0 and ms_short > 0 and ms_long > 0
 
 
 @pytest.mark.slow

@@ -188,6 +188,8 @@ def test_state_detach_and_to():
     assert isinstance(cut, MemoryState) and not cut.weights[0].requires_grad
     assert cut.to(torch.float64).keys.dtype == torch.float64
     assert cut.pending == 2 and cut.batch_size == 1
+    tensors = cut.weights + cut.momentum + (cut.keys, cut.values, cut.gates, cut.conv)
+    assert cut.numel() == sum(t.numel() for t in tensors)
 
 
 def test_theta_max_above_the_stability_bound_warns_and_does_diverge():

@@ -18,6 +18,7 @@ and two operations on any of them, applied to every tensor inside:
                      truncated backpropagation through time: constant memory per piece,
                      the same outputs as without the cut.
     state.to(...)    move (or cast) every tensor, as `Tensor.to` does.
+    state.numel()    how many numbers it holds (a tensor shared by two fields counts twice).
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ class StreamState:
     def detach(self):
         """A copy cut from the autograd graph (truncated backpropagation through time)."""
         return self.map_tensors(Tensor.detach)
+
+    def numel(self) -> int:
+        """How many numbers the state holds: the elements of every tensor inside."""
+        count = 0
+
+        def add(t: Tensor) -> Tensor:
+            nonlocal count
+            count += t.numel()
+            return t
+
+        self.map_tensors(add)
+        return count
 
     def to(self, *args: Any, **kwargs: Any):
         """A copy with every tensor moved or cast, as `Tensor.to(*args, **kwargs)`."""

@@ -8,12 +8,15 @@ answer at the end. The model guarantees that this equals one pass over the whole
     streamed_recall(model, distance)   greedy recall accuracy with the needle `distance` back
     gate_trace(model, ids)             theta_t, eta_t, alpha_t of every memory layer, per token
     survival(alpha)                    prod (1 - alpha_t): how much of a write forgetting leaves (on the CPU)
+    time_per_token(model, context)     ms per new token after `context` tokens, and the state's size
 
 The haystack is the passkey task's (`tasks.passkey_prompts`): random filler tokens from
 16, the needle `<key> k v` at the start, the question `<query> k` at the end.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import Tensor, nn
@@ -72,3 +75,23 @@ def survival(alpha: Tensor) -> Tensor:
     """prod_t (1 - alpha_t) along the last axis: the share of a write that forgetting (eq 13)
     leaves after the tokens of `alpha`, ignoring what later writes overwrite."""
     return torch.log1p(-alpha.detach().to("cpu", torch.float64)).sum(-1).exp()  # on the CPU: MPS has no float64
+
+
+@torch.no_grad()
+def time_per_token(model: nn.Module, context: int, *, blocks: int = 5, block: int = 16) -> tuple[float, int]:
+    """(median ms per new token, numbers in the state) after a passkey prompt of `context`
+    tokens streamed in pieces: `blocks` blocks of `block` single-token steps are timed and the
+    median block taken (a laptop's timings jump with whatever else it is doing)."""
+    device = next(model.parameters()).device
+    ids = passkey_prompts(1, context, generator=torch.Generator().manual_seed(0))["prompt_ids"].to(device)
+    state = None
+    for part in ids.split(1024, dim=1):
+        logits, state = model(part, state)
+    token, times = logits[:, -1:].argmax(-1), []
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(block):
+            logits, state = model(token, state)
+            token = logits[:, -1:].argmax(-1)
+        times.append(1e3 * (time.perf_counter() - start) / block)
+    return sorted(times)[blocks // 2], state.numel()
