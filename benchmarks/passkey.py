@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from titans_mini.checkpoint import save_checkpoint
-from titans_mini.config import VARIANTS, TitansConfig
+from titans_mini.config import MEMORY_VARIANTS, VARIANTS, TitansConfig
 from titans_mini.models import TitansLM
 from titans_mini.recall.tasks import passkey_length
 from titans_mini.recall.training import passkey_accuracy, train_passkey
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {Budget.steps})")
     parser.add_argument("--only", choices=("variants", "ablations"), default=None)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["swa", "lmm", "mac", "mag", "mal"])
-    parser.add_argument("--ablate", default="lmm", choices=VARIANTS[:-1], help="variant the ablations change")
+    parser.add_argument("--ablate", default="lmm", choices=MEMORY_VARIANTS, help="variant the ablations change")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     parser.add_argument("--distractors", type=int, default=0,
                         help="other key/value pairs between needle and question (a harder task; default 0)")

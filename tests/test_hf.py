@@ -80,7 +80,7 @@ def test_config_round_trip_and_validation():
     assert (hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_attention_heads) == (16, 3, 2)
     assert (hf_config.pad_token_id, hf_config.eos_token_id) == (PAD, EOS)
     with pytest.raises(ValueError, match="variant"):
-        hf.TitansHFConfig(variant="transformer")
+        hf.TitansHFConfig(variant="rnn")
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         hf.TitansHFConfig(tie_word_embeddings=True)
 

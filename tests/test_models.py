@@ -144,10 +144,26 @@ def test_checkpoint_refuses_other_files(tmp_path):
         load_checkpoint(path)
 
 
-def test_swa_baseline_has_about_the_parameters_of_the_memory_variants():
+def test_attention_baselines_have_about_the_parameters_of_the_memory_variants():
     counts = {v: model(v).num_parameters() for v in VARIANTS}
-    for variant in ("mac", "mag"):
-        assert abs(counts["swa"] - counts[variant]) / counts[variant] < 0.05, counts
+    for baseline in ("swa", "transformer"):
+        for variant in ("mac", "mag"):
+            assert abs(counts[baseline] - counts[variant]) / counts[variant] < 0.05, counts
+
+
+@pytest.mark.parametrize("variant, sees_the_start", [("swa", False), ("transformer", True)])
+def test_full_attention_sees_the_whole_past_and_the_window_does_not(variant, sees_the_start):
+    """Changing the first token moves the last output 40 tokens later only without a window
+    (2 layers of window 8 reach 14 tokens back), and the full cache keeps every token."""
+    lm, x = model(variant), ids(steps=40)
+    changed = x.clone()
+    changed[:, 0] = (x[:, 0] + 1) % lm.config.vocab_size
+    with torch.no_grad():
+        y, state = lm(x)
+        y2, _ = lm(changed)
+    assert ((y2[:, -1] - y[:, -1]).abs().max() > 1e-5) == sees_the_start
+    kept = state.blocks[0].mixers[0].k.shape[2]
+    assert kept == (40 if sees_the_start else lm.config.window - 1), kept
 
 
 @pytest.mark.parametrize(

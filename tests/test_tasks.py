@@ -23,10 +23,12 @@ def test_vocabulary_round_trip():
         encode("<bos> k999")
 
 
+@pytest.mark.parametrize("haystack", ["filler", "noise"])
 @pytest.mark.parametrize("distance, n_pairs", [(1, 1), (2, 1), (10, 1), (7, 3), (10, 3), (40, 5)])
-def test_passkey_layout(distance, n_pairs):
+def test_passkey_layout(distance, n_pairs, haystack):
     seq_len = distance + 20
-    batch = passkey_batch(32, distance, seq_len=seq_len, n_pairs=n_pairs, n_values=8, generator=gen())
+    batch = passkey_batch(32, distance, seq_len=seq_len, n_pairs=n_pairs, n_values=8, haystack=haystack,
+                          generator=gen())
     ids, targets = batch["input_ids"], batch["targets"]
     assert ids.shape == targets.shape == (32, seq_len) and ids.dtype == torch.int64
     assert ((ids >= 0) & (ids < VOCAB_SIZE)).all() and (ids[:, 0] == BOS).all()
@@ -48,6 +50,25 @@ def test_passkey_layout(distance, n_pairs):
     assert len(needles) > 1                                  # positions vary
 
 
+@pytest.mark.parametrize("distance, n_pairs", [(300, 1), (300, 9)])
+def test_noise_haystack_never_leaks_the_needle(distance, n_pairs):
+    """The noisy haystack holds every key and value token, yet the needle's key appears only at
+    the needle and the question, and its value only at the needle and the answer; no
+    distractor shares the needle's value."""
+    ids = passkey_batch(64, distance, seq_len=distance + 40, n_pairs=n_pairs, haystack="noise", generator=gen(5))["input_ids"]
+    for row in ids.tolist():
+        query = row.index(QUERY)
+        key, value = row[query + 1], row[query + 2]
+        assert [t for t, tok in enumerate(row) if tok == key] == [query - distance - 1, query + 1]
+        assert [t for t, tok in enumerate(row) if tok == value] == [query - distance, query + 2]
+    seen = set(ids.flatten().tolist())
+    assert set(range(KEY0, VALUE0 + N_VALUES)) <= seen                 # keys and values everywhere
+    filler = passkey_batch(64, distance, seq_len=distance + 40, n_pairs=n_pairs, generator=gen(5))["input_ids"]
+    pair_tokens = lambda x: ((x >= KEY0) & (x < VALUE0 + N_VALUES)).sum(1)  # noqa: E731
+    assert (pair_tokens(filler) == 2 * n_pairs + 2).all()                  # the pairs and the question only
+    assert (pair_tokens(ids) > distance // 2).all()
+
+
 def test_passkey_reproducible():
     a = passkey_batch(8, 9, seq_len=30, n_pairs=2, generator=gen(3))
     b = passkey_batch(8, 9, seq_len=30, n_pairs=2, generator=gen(3))
@@ -56,8 +77,9 @@ def test_passkey_reproducible():
     assert not torch.equal(a["input_ids"], c["input_ids"])
 
 
-def test_passkey_prompts():
-    out = passkey_prompts(16, 7, prefix=3, generator=gen())
+@pytest.mark.parametrize("haystack", ["filler", "noise"])
+def test_passkey_prompts(haystack):
+    out = passkey_prompts(16, 7, prefix=3, haystack=haystack, generator=gen())
     prompts, answers = out["prompt_ids"], out["answers"]
     assert prompts.shape == (16, 3 + 7 + 5) and answers.shape == (16,)
     assert (prompts[:, -2] == QUERY).all()
@@ -65,7 +87,7 @@ def test_passkey_prompts():
     assert (prompts[:, needle - 1] == prompts[:, -1]).all()   # same key as the query
     assert torch.equal(prompts[:, needle], answers)
     assert ((answers >= VALUE0) & (answers < VALUE0 + N_VALUES)).all()
-    again = passkey_prompts(16, 7, prefix=3, generator=gen())
+    again = passkey_prompts(16, 7, prefix=3, haystack=haystack, generator=gen())
     assert torch.equal(again["prompt_ids"], prompts)
 
 
@@ -120,6 +142,8 @@ def test_answer_accuracy():
     (lambda: passkey_batch(4, 5, n_keys=0), "n_keys"),
     (lambda: passkey_batch(4, 5, n_pairs=3), "n_pairs"),
     (lambda: passkey_prompts(4, 5, prefix=-1), "prefix"),
+    (lambda: passkey_batch(4, 5, haystack="random"), "haystack"),
+    (lambda: passkey_batch(4, 40, n_pairs=9, n_values=8, haystack="noise"), "n_pairs"),
     (lambda: mqar_batch(4, 0, 1), "n_pairs"),
     (lambda: mqar_batch(4, 3, 4), "n_queries"),
     (lambda: mqar_batch(4, 3, 2, gap=-1), "gap"),

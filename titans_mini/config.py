@@ -12,7 +12,8 @@ from typing import Any
 
 from .checks import check_int
 
-VARIANTS = ("mac", "mag", "mal", "lmm", "swa")
+MEMORY_VARIANTS = ("mac", "mag", "mal", "lmm")
+VARIANTS = MEMORY_VARIANTS + ("swa", "transformer")
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,11 @@ class TitansConfig:
         "mal"  memory as layer (eq 29-31): the memory, then sliding-window attention;
         "lmm"  the long-term memory alone, no attention;
         "swa"  baseline: a sliding-window-attention Transformer, its MLP widened to about
-               the parameter count of the memory variants.
+               the parameter count of the memory variants;
+        "transformer"  baseline: the same with full causal attention (no window: every
+               past token is seen, and the cache and the cost per token grow with the context).
     window: MAC's segment length C, and the sliding window of MAG, MAL and SWA: either
-        way the number of past tokens attention can see.
+        way the number of past tokens attention can see (unused by "transformer").
     n_persistent: learnable persistent-memory tokens per attention layer (eq 19).
     memory_depth, memory_expansion, chunk_size, conv_kernel, momentum, forgetting:
         passed to `NeuralMemory` (see there). MAC needs `window % chunk_size == 0` so

@@ -10,11 +10,13 @@ variant decides the mixers:
     mal  GatedMemory, then Attention     eq 29-31 (each with its own residual; section 4.4's output gate)
     lmm  NeuralMemory                    the long-term memory alone (GatedMemory on request)
     swa  Attention (sliding window)      baseline, MLP widened to match parameters
+    transformer  Attention (full causal)  baseline, the same without a window
 
 Every mixer has the same streaming contract, `forward(x, state=None) -> (y, state)`:
 a stream fed whole or in pieces, passing the state on, gives the same outputs. So
 `TitansLM.generate` feeds one token at a time with constant work per token: the memory
-state and the attention window are the whole "cache", however long the context.
+state and the attention window are the whole "cache", however long the context (except
+for the full-attention baseline, whose cache keeps every token).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from .attention import Attention, KVCache
 from .checks import check_int
-from .config import TitansConfig
+from .config import MEMORY_VARIANTS, TitansConfig
 from .memory import MemoryState
 from .neural_memory import NeuralMemory
 from .state import StreamState
@@ -194,15 +196,15 @@ def make_mixers(config: TitansConfig) -> list[nn.Module]:
         if config.variant == "mal":  # eq 29-31: the memory layer, then attention over its output
             return [memory, make_attention(config, window=config.window)]
         return [memory]
-    return [make_attention(config, window=config.window)]
+    return [make_attention(config, window=None if config.variant == "transformer" else config.window)]
 
 
 def mlp_hidden(config: TitansConfig) -> int:
-    """MLP width. The SWA baseline gets the parameters MAG's memory branch adds
-    (memory + gate - attention), spent on a wider MLP, so models compare at about
-    equal size."""
+    """MLP width. The attention-only baselines (SWA, Transformer) get the parameters MAG's
+    memory branch adds (memory + gate - attention), spent on a wider MLP, so models compare
+    at about equal size."""
     hidden = config.mlp_expansion * config.dim
-    if config.variant != "swa":
+    if config.variant in MEMORY_VARIANTS:
         return hidden
     with torch.device("meta"):  # count without allocating or touching the RNG
         extra = sum(p.numel() for p in MemoryAsGate(config).parameters())

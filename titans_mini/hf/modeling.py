@@ -235,7 +235,7 @@ class TitansModel(TitansPreTrainedModel):
 
 
 class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
-    """TitansLM as a transformers causal LM, every variant (mac, mag, mal, lmm, swa).
+    """TitansLM as a transformers causal LM, every variant (mac, mag, mal, lmm, swa, transformer).
 
     forward(...) -> CausalLMOutputWithPast(loss, logits, past_key_values). `labels` follow
     transformers (unshifted, -100 = ignore): position t is scored on labels[t + 1].

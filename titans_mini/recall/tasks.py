@@ -49,14 +49,31 @@ def decode(ids: Tensor | Sequence[int]) -> str:
 
 
 def _sample_pairs(batch: int, n_pairs: int, n_keys: int, n_values: int,
-                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """``n_pairs`` distinct keys per row (so every query has one answer), random values."""
+                  generator: torch.Generator | None, distinct_values: bool = False) -> tuple[Tensor, Tensor]:
+    """``n_pairs`` distinct keys per row (so every query has one answer), random values
+    (distinct too if `distinct_values`)."""
     check_int("n_keys", n_keys, 1, N_KEYS)
     check_int("n_values", n_values, 1, N_VALUES)
-    check_int("n_pairs", n_pairs, 1, n_keys)
+    check_int("n_pairs", n_pairs, 1, min(n_keys, n_values) if distinct_values else n_keys)
     keys = torch.rand(batch, n_keys, generator=generator).argsort(1)[:, :n_pairs] + KEY0
-    values = torch.randint(VALUE0, VALUE0 + n_values, (batch, n_pairs), generator=generator)
+    if distinct_values:
+        values = torch.rand(batch, n_values, generator=generator).argsort(1)[:, :n_pairs] + VALUE0
+    else:
+        values = torch.randint(VALUE0, VALUE0 + n_values, (batch, n_pairs), generator=generator)
     return keys, values
+
+
+HAYSTACKS = ("filler", "noise")
+
+
+def _noise(batch: int, length: int, avoid: Tensor, generator: torch.Generator | None) -> Tensor:
+    """(batch, length) tokens uniform over the filler, key and value tokens, except the two
+    tokens of each row's `avoid` (batch, 2): drawn from the 142 others, then shifted past them."""
+    avoid = avoid.sort(1).values
+    ids = torch.randint(FILLER0, VALUE0 + N_VALUES - 2, (batch, length), generator=generator)
+    for column in avoid.unbind(1):        # smaller first: each shift skips one avoided id
+        ids += ids >= column[:, None]
+    return ids
 
 
 def passkey_length(distance: int) -> int:
@@ -66,15 +83,20 @@ def passkey_length(distance: int) -> int:
 
 
 def _passkey(batch: int, distance: int, seq_len: int, offsets: Tensor | None, n_pairs: int,
-             n_keys: int, n_values: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+             n_keys: int, n_values: int, haystack: str, generator: torch.Generator | None) -> dict[str, Tensor]:
     check_int("batch", batch, 1)
     check_int("distance", distance, 1)
     check_int("seq_len", seq_len, passkey_length(distance))
-    keys, values = _sample_pairs(batch, n_pairs, n_keys, n_values, generator)
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
+    keys, values = _sample_pairs(batch, n_pairs, n_keys, n_values, generator, distinct_values=haystack == "noise")
     n_extra = n_pairs - 1
     if 3 * n_extra > distance - 1:
         raise ValueError(f"n_pairs={n_pairs} distractors need distance >= {3 * n_extra + 1}, got {distance}")
-    ids = torch.randint(FILLER0, FILLER0 + N_FILLER, (batch, seq_len), generator=generator)
+    if haystack == "filler":
+        ids = torch.randint(FILLER0, FILLER0 + N_FILLER, (batch, seq_len), generator=generator)
+    else:
+        ids = _noise(batch, seq_len, torch.stack([keys[:, 0], values[:, 0]], 1), generator)
     if offsets is None:
         offsets = torch.randint(0, seq_len - passkey_length(distance) + 1, (batch,), generator=generator)
     rows, needle = torch.arange(batch), offsets + 3                  # needle = position of the value
@@ -95,7 +117,7 @@ def _passkey(batch: int, distance: int, seq_len: int, offsets: Tensor | None, n_
 
 
 def passkey_batch(batch: int, distance: int, *, seq_len: int | None = None, n_pairs: int = 1,
-                  n_keys: int = N_KEYS, n_values: int = N_VALUES,
+                  n_keys: int = N_KEYS, n_values: int = N_VALUES, haystack: str = "filler",
                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Passkey retrieval: ``{"input_ids", "targets"}``, both ``(batch, seq_len)``.
 
@@ -107,22 +129,28 @@ def passkey_batch(batch: int, distance: int, *, seq_len: int | None = None, n_pa
     back, which one window-``w`` attention layer can do iff ``distance + 1 <= w - 1``.
     ``n_pairs - 1`` distractor triples ``<key> k' v'`` (distinct keys) replace fillers
     between the needle and the query; they need ``distance >= 3 (n_pairs - 1) + 1``.
+
+    ``haystack``: "filler" draws the haystack from the 16 filler tokens (a repeated noise
+    that carries nothing, like the paper's S-NIAH-PK); "noise" draws it from every filler,
+    key and value token except the needle's key and value, and gives the distractors values
+    distinct from the needle's: keys and values then appear everywhere, out of place, and
+    the answer still appears once before the question, in the needle.
     """
     check_int("distance", distance, 1)
     seq_len = passkey_length(distance) if seq_len is None else seq_len
-    return _passkey(batch, distance, seq_len, None, n_pairs, n_keys, n_values, generator)
+    return _passkey(batch, distance, seq_len, None, n_pairs, n_keys, n_values, haystack, generator)
 
 
 def passkey_prompts(batch: int, distance: int, *, prefix: int = 0, n_pairs: int = 1,
-                    n_keys: int = N_KEYS, n_values: int = N_VALUES,
+                    n_keys: int = N_KEYS, n_values: int = N_VALUES, haystack: str = "filler",
                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Passkey prompts for generation / GRPO: ``{"prompt_ids" (B, prefix + distance + 5),
-    "answers" (B,)}``. Same layout as ``passkey_batch`` with ``prefix`` fillers before
+    "answers" (B,)}``. Same layout as ``passkey_batch`` with ``prefix`` haystack tokens before
     the needle, cut right after ``<query> k``: the next token should be the answer."""
     check_int("prefix", prefix, 0)
     check_int("distance", distance, 1)
     rows = _passkey(batch, distance, prefix + passkey_length(distance), torch.full((batch,), prefix),
-                    n_pairs, n_keys, n_values, generator)["input_ids"]
+                    n_pairs, n_keys, n_values, haystack, generator)["input_ids"]
     return {"prompt_ids": rows[:, :-1], "answers": rows[:, -1]}
 
 
