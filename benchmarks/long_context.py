@@ -22,7 +22,7 @@ Greedy recall, chance 1/64.
 --quick evaluates the models shipped in `titans_mini/assets` (the passkey model trained to
 distance 64, and the long-context model trained further to 1,024 then 4,096 with --finetune),
 on the filler haystack, 32 prompts a distance, and shows the trained models' records from the
-shipped results (--results). Without --quick: 128 prompts a distance, both haystacks.
+shipped results (--results). Without --quick: 64 prompts a distance (--prompts), both haystacks.
 
 The last line is `summary niah_best_16k=<accuracy> variant=<name> swa_16k=<accuracy>
 full_attention_16k=<accuracy>`: the best memory model at 16,384 (mean over its seeds) and the
@@ -88,7 +88,7 @@ def train_run(variant: str, seed: int, runs: Path, n: int, distances) -> dict:
     print(f"{variant} seed {seed}: {model.num_parameters():,} parameters", flush=True)
     seconds = train(model, RECIPE, seed)
     save_checkpoint(model, runs / f"{variant}_{seed}.pt", seed=seed)
-    record = {"name": variant, "variant": variant, "seed": seed, "seconds": round(seconds),
+    record = {"name": variant, "variant": variant, "seed": seed, "seconds": round(seconds), "prompts": n,
               "parameters": model.num_parameters(), "recipe": [list(s) for s in RECIPE],
               "accuracy": recall_table(model, distances, n, HAYSTACKS)}
     record_path.write_text(json.dumps(record, indent=1))
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", default="runs/long_context", help="folder of trained models and their records")
     parser.add_argument("--costs", action="store_true", help="time per token and peak memory (LMM, MAC, Transformer)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=64, help="prompts a distance and haystack (--quick: 32)")
     parser.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES), help="needle distances")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(COST_CONTEXTS), help="contexts for --costs")
     parser.add_argument("--model", default=None, help="a checkpoint to start --finetune from")
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_checkpoint(model, args.save or "long_context_model.pt", **{**info, "finetune": " ".join(args.finetune)})
         return out
 
-    n = 32 if args.quick else 128
+    n = 32 if args.quick else args.prompts
     shipped = {}
     for name, label in SHIPPED.items():
         model, _ = load_checkpoint(ASSETS / f"{name}.pt")
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name} ({label}): {n} prompts a distance, chance 1/64 = 0.016", flush=True)
         haystacks = ["filler"] if args.quick else list(HAYSTACKS)
         accuracy = recall_table(model, args.distances, n, haystacks)
-        out["records"].append({"name": name, "variant": model.config.variant, "seed": 0, "accuracy": accuracy})
+        out["records"].append({"name": name, "variant": model.config.variant, "seed": 0, "prompts": n,
+                               "accuracy": accuracy})
         out["gates"][name] = forgetting_report(model, args.distances)
 
     if args.quick and Path(args.results).exists():  # the trained models, as the full run measured them
