@@ -7,14 +7,16 @@ The model, one idea a module (none of them knows the experiments below):
     neural_memory  NeuralMemory, the memory as a layer (section 3.1, 4.4)
     attention      causal / sliding-window attention with persistent memory (eq 19)
     config         TitansConfig: one validated object for every model choice
-    models         TitansLM with MAC, MAG, MAL (eq 21-31), the memory alone, an SWA baseline
+    models         TitansLM with MAC, MAG, MAL (eq 21-31), the memory alone, SWA and Transformer baselines
     checkpoint     save / load a TitansLM (weights_only=True); ASSETS, the shipped files
     grpo           group-relative policy optimisation from scratch
     device         pick_device, seed_everything
 
 Packages that use the model:
     recall         the generated recall experiments: tasks (passkey, MQAR), supervised
-                   training, GRPO on recall (rl)
+                   training, GRPO on recall (rl), long contexts (long_context)
+    text           byte-level language modelling of the Python standard library's source,
+                   on one process or many (torchrun, DistributedDataParallel)
     hf             Transformers / TRL integration (needs the "hf" extra; never imported here)
 """
 

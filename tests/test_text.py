@@ -1,0 +1,115 @@
+"""Byte-level language modelling on the standard library: the corpus, and training on one
+process or two (torchrun, DistributedDataParallel), with resume."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from titans_mini.models import TitansLM
+from titans_mini.text.data import EXCLUDED_FOLDERS, SEPARATOR, ByteCorpus, source_files, split_of, stdlib_root
+from titans_mini.text.evaluate import continue_file, file_losses, loss_by_position
+from titans_mini.text.train import model_config, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_split_is_by_path_disjoint_and_about_90_5_5():
+    paths = source_files()
+    assert paths == sorted(paths) and len(paths) > 300
+    assert not any(EXCLUDED_FOLDERS & set(Path(p).parts[:-1]) for p in paths)
+    assert any(p.startswith("json/") for p in paths)  # packages are in, only their test folders are out
+    counts = {s: sum(split_of(p) == s for p in paths) for s in ("train", "valid", "test")}
+    assert abs(counts["train"] / len(paths) - 0.9) < 0.05 and min(counts["valid"], counts["test"]) > 0.02 * len(paths)
+    assert split_of("json/decoder.py") == split_of("json/decoder.py")  # a function of the path alone
+
+
+def test_the_corpus_is_the_files_bytes_joined_by_a_separator():
+    corpus = ByteCorpus("valid")
+    first = (stdlib_root() / corpus.paths[0]).read_bytes()
+    assert bytes(corpus.stream[:len(first)].tolist()) == first and corpus.stream[len(first)] == SEPARATOR
+    assert len(corpus) == sum(len(f) + 1 for f in corpus.files)
+    assert (corpus.stream == SEPARATOR).sum() == len(corpus.files)  # no NUL byte inside Python source
+
+
+def test_batches_are_windows_of_the_stream_fixed_by_seed_and_step():
+    corpus = ByteCorpus("valid")
+    inputs, targets = corpus.batch(6, 40, seed=1, step=7)
+    assert inputs.shape == targets.shape == (6, 40) and inputs.dtype == torch.int64
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    again, _ = corpus.batch(6, 40, seed=1, step=7)
+    other, _ = corpus.batch(6, 40, seed=1, step=8)
+    assert torch.equal(inputs, again) and not torch.equal(inputs, other)
+    stream = bytes(corpus.stream.tolist())
+    assert all(bytes(row.tolist()) in stream for row in inputs)
+    with pytest.raises(ValueError, match="split"):
+        ByteCorpus("validation")
+
+
+TINY = ["--dim", "16", "--layers", "1", "--heads", "2", "--window", "8", "--chunk", "4", "--seq-len", "32",
+        "--batch", "4", "--eval-every", "100", "--eval-batches", "1", "--no-progress", "--threads", "1"]
+
+
+def train(out: Path, *extra: str, processes: int = 1) -> dict:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    done = subprocess.run([sys.executable, *launcher, "-m", "titans_mini.text.train", *TINY, "--out", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("summary val_bpb=")
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+def test_two_processes_with_ddp_reach_the_weights_of_one(tmp_path):
+    """The same global batch of 8 windows: one process, and two processes under torchrun
+    (gloo) each in 2 micro-batches of 2 (DDP's no_sync, then one gradient average). Equal up
+    to float rounding in the gradient's sums (measured 1.5e-8 after 3 AdamW steps; tolerance 1e-6)."""
+    one = train(tmp_path / "one", "--steps", "3", "--batch", "8")
+    two = train(tmp_path / "two", "--steps", "3", "--batch", "8", "--accum", "2", processes=2)
+    for name, weight in one["model"].items():
+        torch.testing.assert_close(two["model"][name], weight, rtol=0, atol=1e-6, msg=name)
+    torch.manual_seed(0)
+    start = TitansLM(model_config(parse_args(TINY))).embed.weight
+    assert (one["model"]["embed.weight"] - start).abs().max() > 1e-4  # training moved the weights
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(tmp_path / "straight", "--steps", "4")
+    train(tmp_path / "split", "--steps", "4", "--until", "2")
+    resumed = train(tmp_path / "split", "--steps", "4", "--resume")
+    assert resumed["step"] == straight["step"] == 4
+    for name, weight in straight["model"].items():
+        assert torch.equal(resumed["model"][name], weight), name
+    assert [h["bpb"] for h in resumed["history"]] == [h["bpb"] for h in straight["history"]]
+
+
+def tiny_model(variant: str = "mac") -> TitansLM:
+    torch.manual_seed(0)
+    return TitansLM(model_config(parse_args(TINY + ["--variant", variant]))).eval()
+
+
+@pytest.mark.parametrize("variant", ["mac", "transformer"])
+def test_file_losses_are_the_whole_file_in_one_pass(variant):
+    """Streaming a file in pieces gives the losses of one forward over the whole file."""
+    model, data = tiny_model(variant), ByteCorpus("valid").files[0][:300]
+    with torch.no_grad():
+        logits, _ = model(data.long()[None, :-1])
+    whole = torch.nn.functional.cross_entropy(logits[0], data.long()[1:], reduction="none")
+    torch.testing.assert_close(file_losses(model, data, piece=37), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_by_position_bins_every_predicted_byte_once():
+    model, files = tiny_model(), [f[:n] for f, n in zip(ByteCorpus("valid").files, (300, 70, 1))]
+    report = loss_by_position(model, files, bins=(0, 64, 256))
+    assert report["bytes"] == 299 + 69 == sum(b["bytes"] for b in report["bins"])
+    assert [b["bytes"] for b in report["bins"]] == [63 + 63, 192 + 6, 44]  # positions 1..63, 64..255, 256..299
+    weighted = sum(b["bpb"] * b["bytes"] for b in report["bins"]) / report["bytes"]
+    assert abs(weighted - report["bpb"]) < 1e-9
+
+
+def test_continue_file_samples_from_the_state_of_the_whole_file():
+    model, data = tiny_model(), ByteCorpus("valid").files[0][:200]
+    greedy = continue_file(model, data, 5, temperature=0, piece=64)
+    new, _ = model.generate(data.long()[None], 5)
+    assert greedy == bytes(new[0].tolist()) and len(greedy) == 5
