@@ -113,3 +113,11 @@ def test_continue_file_samples_from_the_state_of_the_whole_file():
     greedy = continue_file(model, data, 5, temperature=0, piece=64)
     new, _ = model.generate(data.long()[None], 5)
     assert greedy == bytes(new[0].tolist()) and len(greedy) == 5
+
+
+def test_the_language_model_benchmark_runs_and_ends_with_its_summary(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.stdlib_lm", "--quick", "--threads", "1",
+                           "--runs", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("summary best=mac test_bpb=") and " swa=" in last and last.endswith("transformer=na")
