@@ -22,7 +22,7 @@ LOCKED := $(if $(filter $(LOCK_PYTHON),$(PY_VERSION)),-c $(LOCK))
 PYTEST_NB := --nbval-lax --nbval-cell-timeout=600
 TESTS = tests $(wildcard notebooks) $(PYTEST_NB)
 
-.PHONY: venv lab test test-latest lock gpu-check
+.PHONY: venv lab student test test-latest lock gpu-check
 
 # $(call install,VENV,CPU PIP OPTIONS): create VENV and install titans-mini with its dev and hf extras.
 define install
@@ -50,8 +50,22 @@ $(VENV)/.titans-mini-installed: pyproject.toml constraints-cpu.txt $(LOCK)
 	$(call install,$(VENV),$(LOCKED))
 	@touch $@
 
+# Your own copy of the notebooks, in my-notebooks/ (git ignores it): the committed ones stay
+# clean, so `git pull` never conflicts with your edits. A notebook missing there (the first
+# time, a new one, or one you deleted to start over) is copied fresh; yours are never
+# overwritten. The settings turn off JupyterLab's news pop-up and update check.
+LAB_DIR := my-notebooks
 lab: venv
-	$(VENV)/bin/jupyter lab notebooks/
+	@mkdir -p $(LAB_DIR) $(VENV)/share/jupyter/lab/settings
+	@for f in notebooks/*.ipynb notebooks/README.md; do \
+		[ -e $(LAB_DIR)/$${f##*/} ] || { cp $$f $(LAB_DIR)/ && echo "make lab: copied $$f to $(LAB_DIR)/"; }; done
+	@cp .ci/lab-overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
+	$(VENV)/bin/jupyter lab $(LAB_DIR)/
+
+# The student edition, for a course: build/student/ holds the notebooks without solutions
+# and with the exercises' outputs cleared (cells chosen by their tags; see .ci/student-edition).
+student: venv
+	$(VENV)/bin/python .ci/student-edition build/student
 
 # Unit tests and every notebook (re-executed in a fresh kernel) in one pytest run.
 test: venv
