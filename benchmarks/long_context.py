@@ -2,15 +2,15 @@
 
     python -m benchmarks.long_context --quick      # the shipped models only (about a minute)
     python -m benchmarks.long_context --train mac mag mal lmm swa transformer --seeds 0 1 2
-                                                   # trains and evaluates each model (RECIPE, one CPU thread)
+                                                   # trains and evaluates each model (RECIPES, one CPU thread)
     python -m benchmarks.long_context --costs --json titans_mini/assets/long_context_results.json
         # the report notebook 08 reads: the shipped models evaluated, the trained ones read back,
         # time per token and peak memory from 1k to 64k tokens
 
 Models (window 16, 2 layers, about 187 k parameters each): the five of `benchmarks/passkey.py`
 (MAC, MAG, MAL, the memory alone LMM, sliding-window attention SWA) and a Transformer with
-full causal attention, all trained by the same RECIPE: distances 2..64, then 2..1,024 (a
-length curriculum). Each trained model and its record are kept under --runs; a run already
+full causal attention, all trained by the same recipe ("base"): distances 2..64, then 2..1,024
+(a length curriculum); "long" adds a stage on distances up to 4,096. Each trained model and its record are kept under --runs; a run already
 there is not trained again, so a long experiment can be split across sessions.
 
 Each prompt is streamed in pieces of 1,024 tokens with the state passed on, at needle
@@ -19,8 +19,9 @@ distances from 64 to 16,384 tokens (1,024x the window), in two haystacks
 (every key, value and filler token but the needle's, and 8 distractor key/value pairs).
 Greedy recall, chance 1/64.
 
---quick evaluates the models shipped in `titans_mini/assets` (the passkey model trained to
-distance 64, and the long-context model trained further to 1,024 then 4,096 with --finetune),
+--quick evaluates the models shipped in `titans_mini/assets` (the MAC passkey model trained to
+distance 64, the same trained further to 1,024 then 4,096 with --finetune, and the best model
+of the recipes, an LMM trained to 4,096),
 on the filler haystack, 32 prompts a distance, and shows the trained models' records from the
 shipped results (--results). Without --quick: 64 prompts a distance (--prompts), both haystacks.
 
@@ -50,17 +51,20 @@ DISTANCES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 HAYSTACKS = {"filler": 0, "noise": 8}  # haystack -> distractor pairs
 COST_CONTEXTS = (1024, 4096, 16384, 65536)
 SHIPPED = {"passkey_model": "MAC, trained to distance 64 (benchmarks/passkey.py)",
-           "long_context_model": "MAC, trained further to 1,024 then 4,096 (--finetune 400:1024 300:4096)"}
+           "long_context_model": "MAC, trained further to 1,024 then 4,096 (--finetune 400:1024 300:4096)",
+           "long_context_lmm": "LMM, recipe 'long', seed 0 (--train lmm --recipe long), the best at 16,384"}
 BASE = TitansConfig(dim=64, n_layers=2, heads=4, window=16, chunk_size=8)
-# (steps, longest distance, batch, learning rate) per stage; a length curriculum inside each stage
-RECIPE = ((600, 64, 32, 3e-3), (400, 1024, 16, 1e-3))
+# (steps, longest distance, batch, learning rate) per stage; a length curriculum inside each stage.
+# "long" goes on where "base" stops, so a base model is trained further, not again.
+RECIPES = {"base": ((600, 64, 32, 3e-3), (400, 1024, 16, 1e-3)),
+           "long": ((600, 64, 32, 3e-3), (400, 1024, 16, 1e-3), (300, 4096, 16, 1e-3))}
 
 
-def train(model: TitansLM, stages, seed: int) -> float:
+def train(model: TitansLM, stages, seed: int, first: int = 0) -> float:
     """Train `model` stage by stage on the passkey task (distances 2..high, `training.train_passkey`,
-    curriculum over the first half of each stage); returns the seconds it took."""
+    curriculum over the first half of each stage), from stage `first`; returns the seconds it took."""
     start = time.perf_counter()
-    for i, (steps, high, batch, lr) in enumerate(stages):
+    for i, (steps, high, batch, lr) in list(enumerate(stages))[first:]:
         history = train_passkey(model, steps, distances=(2, high), seq_len=passkey_length(high) + 16,
                                 batch_size=batch, lr=lr, curriculum=0.5, seed=seed * 100 + i, progress=False)
         print(f"  stage {i + 1}: {steps} steps on distances 2..{high}, last loss {history[-1]['loss']:.3f} "
@@ -78,21 +82,29 @@ def recall_table(model: TitansLM, distances, n: int, haystacks) -> dict[str, dic
     return table
 
 
-def train_run(variant: str, seed: int, runs: Path, n: int, distances) -> dict:
-    """One (variant, seed): trained and evaluated, or read back from `runs` if done before."""
-    record_path = runs / f"{variant}_{seed}.json"
-    if record_path.exists():
-        return json.loads(record_path.read_text())
+def run_name(variant: str, recipe: str) -> str:
+    return variant if recipe == "base" else f"{variant}-{recipe}"
+
+
+def train_run(variant: str, recipe: str, seed: int, runs: Path, n: int, distances) -> None:
+    """One (variant, recipe, seed) trained and evaluated, unless `runs` has it already. A "long"
+    run starts from the "base" model of the same seed when there is one (the same first stages)."""
+    name = run_name(variant, recipe)
+    if (runs / f"{name}_{seed}.json").exists():
+        return
+    base = runs / f"{variant}_{seed}.pt"
     torch.manual_seed(seed)
-    model = TitansLM(BASE.replace(variant=variant))
-    print(f"{variant} seed {seed}: {model.num_parameters():,} parameters", flush=True)
-    seconds = train(model, RECIPE, seed)
-    save_checkpoint(model, runs / f"{variant}_{seed}.pt", seed=seed)
-    record = {"name": variant, "variant": variant, "seed": seed, "seconds": round(seconds), "prompts": n,
-              "parameters": model.num_parameters(), "recipe": [list(s) for s in RECIPE],
+    model, first = TitansLM(BASE.replace(variant=variant)), 0
+    if recipe != "base" and base.exists():
+        model, first = load_checkpoint(base)[0].train(), len(RECIPES["base"])
+        print(f"{name} seed {seed}: from {base}", flush=True)
+    print(f"{name} seed {seed}: {model.num_parameters():,} parameters", flush=True)
+    seconds = train(model, RECIPES[recipe], seed, first)
+    save_checkpoint(model, runs / f"{name}_{seed}.pt", seed=seed)
+    record = {"name": name, "variant": variant, "seed": seed, "seconds": round(seconds), "prompts": n,
+              "parameters": model.num_parameters(), "recipe": [list(s) for s in RECIPES[recipe]],
               "accuracy": recall_table(model, distances, n, HAYSTACKS)}
-    record_path.write_text(json.dumps(record, indent=1))
-    return record
+    (runs / f"{name}_{seed}.json").write_text(json.dumps(record, indent=1))
 
 
 def peak_rss_mb() -> float | None:
@@ -163,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train", nargs="*", default=[], choices=VARIANTS, metavar="VARIANT",
                         help=f"train and evaluate these variants ({', '.join(VARIANTS)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--recipe", choices=RECIPES, default="base",
+                        help="base: distances to 64 then 1,024; long: then to 4,096 (from the base model if trained)")
     parser.add_argument("--runs", default="runs/long_context", help="folder of trained models and their records")
     parser.add_argument("--costs", action="store_true", help="time per token and peak memory (LMM, MAC, Transformer)")
     parser.add_argument("--threads", type=int, default=1)
@@ -210,9 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs.mkdir(parents=True, exist_ok=True)
         for variant in args.train:
             for seed in args.seeds:
-                out["records"].append(train_run(variant, seed, runs, n, args.distances))
-        trained = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
-        out["records"] += [r for r in trained if r not in out["records"]]
+                train_run(variant, args.recipe, seed, runs, n, args.distances)
+        out["records"] += [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
     for haystack in HAYSTACKS:
         if any(haystack in r["accuracy"] for r in out["records"]):
             print_table([r for r in out["records"] if haystack in r["accuracy"]], haystack, args.distances)
@@ -233,11 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.json).write_text(json.dumps(out, indent=1))
     at = {name: statistics.mean(by_d[16384]) for name, by_d in mean_over_seeds(out["records"], "filler").items()
           if 16384 in by_d}
-    memory = {name: a for name, a in at.items() if name in shipped or name in MEMORY_VARIANTS}
+    variant_of = {r["name"]: r["variant"] for r in out["records"]}
+    memory = {name: a for name, a in at.items() if variant_of[name] in MEMORY_VARIANTS}
     best = max(memory, key=memory.get) if memory else None
     fmt = lambda name: f"{at[name]:.3f}" if name in at else "na"  # noqa: E731
-    variant = shipped[best].config.variant if best in shipped else best
-    print(f"summary niah_best_16k={fmt(best)} variant={variant or 'na'} swa_16k={fmt('swa')} "
+    print(f"summary niah_best_16k={fmt(best)} variant={variant_of.get(best, 'na')} swa_16k={fmt('swa')} "
           f"full_attention_16k={fmt('transformer')}")
     return out
 
