@@ -23,7 +23,8 @@ Greedy recall, chance 1/64.
 distance 64, the same trained further to 1,024 then 4,096 with --finetune, and the best model
 of the recipes, an LMM trained to 4,096),
 on the filler haystack, 32 prompts a distance, and shows the trained models' records from the
-shipped results (--results). Without --quick: 64 prompts a distance (--prompts), both haystacks.
+shipped results (--results); a shipped model that is a copy of a run (the LMM is lmm-long seed 0)
+replaces that run's record by the live one. Without --quick: 64 prompts a distance (--prompts), both haystacks.
 
 The last line is `summary niah_best_16k=<accuracy> variant=<name> swa_16k=<accuracy>
 full_attention_16k=<accuracy>`: the best memory model at 16,384 (mean over its seeds) and the
@@ -50,9 +51,10 @@ from titans_mini.recall.training import train_passkey
 DISTANCES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 HAYSTACKS = {"filler": 0, "noise": 8}  # haystack -> distractor pairs
 COST_CONTEXTS = (1024, 4096, 16384, 65536)
-SHIPPED = {"passkey_model": "MAC, trained to distance 64 (benchmarks/passkey.py)",
-           "long_context_model": "MAC, trained further to 1,024 then 4,096 (--finetune 400:1024 300:4096)",
-           "long_context_lmm": "LMM, recipe 'long', seed 0 (--train lmm --recipe long), the best at 16,384"}
+# shipped file -> (what it is, the run it is a copy of, if any: its records go by the run's name and seed)
+SHIPPED = {"passkey_model": ("MAC, trained to distance 64 (benchmarks/passkey.py)", None),
+           "long_context_model": ("MAC, trained further to 1,024 then 4,096 (--finetune 400:1024 300:4096)", None),
+           "long_context_lmm": ("LMM, recipe 'long', seed 0: the best recipe at 16,384", ("lmm-long", 0))}
 BASE = TitansConfig(dim=64, n_layers=2, heads=4, window=16, chunk_size=8)
 # (steps, longest distance, batch, learning rate) per stage; a length curriculum inside each stage.
 # "long" goes on where "base" stops, so a base model is trained further, not again.
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="base: distances to 64 then 1,024; long: then to 4,096 (from the base model if trained)")
     parser.add_argument("--runs", default="runs/long_context", help="folder of trained models and their records")
     parser.add_argument("--costs", action="store_true", help="time per token and peak memory (LMM, MAC, Transformer)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 2 with --quick, else 1)")
     parser.add_argument("--prompts", type=int, default=64, help="prompts a distance and haystack (--quick: 32)")
     parser.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES), help="needle distances")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(COST_CONTEXTS), help="contexts for --costs")
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results", default=str(ASSETS / "long_context_results.json"),
                         help="--quick shows the trained models' records from this file")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or (2 if args.quick else 1))
     runs = Path(args.runs)
     out: dict = {"distances": args.distances, "haystacks": HAYSTACKS, "records": [], "costs": {}, "gates": {}}
 
@@ -204,22 +206,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     n = 32 if args.quick else args.prompts
     shipped = {}
-    for name, label in SHIPPED.items():
+    for name, (label, run) in SHIPPED.items():
         model, _ = load_checkpoint(ASSETS / f"{name}.pt")
         shipped[name] = model
-        if args.train:  # a training job trains; the report (no --train) evaluates the shipped models
+        # a training job only trains; the report measures a shipped copy of a run with the runs
+        if args.train or (run and not args.quick):
             continue
         print(f"{name} ({label}): {n} prompts a distance, chance 1/64 = 0.016", flush=True)
         haystacks = ["filler"] if args.quick else list(HAYSTACKS)
         accuracy = recall_table(model, args.distances, n, haystacks)
-        out["records"].append({"name": name, "variant": model.config.variant, "seed": 0, "prompts": n,
+        record_name, seed = run or (name, 0)
+        out["records"].append({"name": record_name, "variant": model.config.variant, "seed": seed, "prompts": n,
                                "accuracy": accuracy})
         out["gates"][name] = forgetting_report(model, args.distances)
 
     if args.quick and Path(args.results).exists():  # the trained models, as the full run measured them
-        saved = [r for r in json.loads(Path(args.results).read_text())["records"] if r["name"] not in SHIPPED]
+        measured = {(r["name"], r["seed"]) for r in out["records"]}
+        saved = [r for r in json.loads(Path(args.results).read_text())["records"]
+                 if (r["name"], r["seed"]) not in measured]
         out["records"] += saved
-        print(f"\n{len(saved)} trained models read back from {args.results} (not measured again by --quick)")
+        print(f"\n{len(saved)} records read back from {args.results} (not measured again by --quick)")
     if not args.quick:
         runs.mkdir(parents=True, exist_ok=True)
         for variant in args.train:
