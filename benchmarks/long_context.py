@@ -1,6 +1,6 @@
 """Passkey recall far beyond the training length, for every variant: how long does the memory hold a needle?
 
-    python -m benchmarks.long_context --quick      # the shipped models only (about a minute)
+    python -m benchmarks.long_context --quick      # the shipped models only (under two minutes)
     python -m benchmarks.long_context --train mac mag mal lmm swa transformer --seeds 0 1 2
                                                    # trains and evaluates each model (RECIPES, one CPU thread)
     python -m benchmarks.long_context --costs --json titans_mini/assets/long_context_results.json
