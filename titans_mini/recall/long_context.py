@@ -126,5 +126,7 @@ def time_per_token(model: nn.Module, context: int, *, blocks: int = 5, block: in
         for _ in range(block):
             logits, state = model(token, state)
             token = logits[:, -1:].argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
         times.append(1e3 * (time.perf_counter() - start) / block)
     return sorted(times)[blocks // 2], state.numel()
