@@ -47,7 +47,8 @@ def run(variant: str, seed: int, args: argparse.Namespace, test: list[torch.Tens
     options = ["--variant", variant, "--seed", str(seed), "--out", str(out), "--threads", str(args.threads),
                "--steps", str(args.steps), "--dim", str(args.dim), "--layers", str(args.layers),
                "--window", str(args.window), "--chunk", str(args.chunk), "--seq-len", str(args.seq_len),
-               "--batch", str(args.batch), "--eval-every", str(args.steps), "--save-every", str(args.steps)]
+               "--batch", str(args.batch), "--eval-every", str(args.steps),
+               "--save-every", str(min(args.steps, 250))]  # a run stopped midway resumes from its last checkpoint
     if (out / "checkpoint.pt").exists():
         options.append("--resume")
     start = time.perf_counter()
