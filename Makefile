@@ -22,7 +22,7 @@ LOCKED := $(if $(filter $(LOCK_PYTHON),$(PY_VERSION)),-c $(LOCK))
 PYTEST_NB := --nbval-lax --nbval-cell-timeout=600
 TESTS = tests $(wildcard notebooks) $(PYTEST_NB)
 
-.PHONY: venv lab student test test-latest lock gpu-check
+.PHONY: venv lab student site test test-latest lock gpu-check
 
 # $(call install,VENV,CPU PIP OPTIONS): create VENV and install titans-mini with its dev and hf extras.
 define install
@@ -66,6 +66,11 @@ lab: venv
 # and with the exercises' outputs cleared (cells chosen by their tags; see .ci/student-edition).
 student: venv
 	$(VENV)/bin/python .ci/student-edition build/student
+
+# A static site of the executed notebooks for a course page: build/site/index.html (nbconvert;
+# see .ci/build-site for what the pages load when viewed).
+site: venv
+	$(VENV)/bin/python .ci/build-site build/site
 
 # Unit tests and every notebook (re-executed in a fresh kernel) in one pytest run.
 test: venv

@@ -1,6 +1,8 @@
-"""The student edition (`make student`): solutions gone, exercises blank, and the notebooks
-still run up to the first exercise, whose self-check says it is not done yet."""
+"""The course kit: the student edition (`make student`: solutions gone, exercises blank, the
+notebooks still run up to the first exercise, whose self-check says it is not done yet) and the
+static site (`make site`)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +51,17 @@ def test_the_student_notebook_runs_to_its_first_exercise(path, student):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(student)}}).execute()
     printed = "".join(o.get("text", "") for o in nb.cells[first].outputs)
     assert "not" in printed and "correct" not in printed, printed  # the self-check runs and says "not yet"
+
+
+def test_the_site_has_every_notebook_in_order_with_its_plots(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / ".ci" / "build-site"), str(tmp_path)], check=True, capture_output=True)
+    index = (tmp_path / "index.html").read_text()
+    positions = [index.index(f'href="{p.stem}.html"') for p in NOTEBOOKS]
+    assert positions == sorted(positions)  # the series map lists them in order
+    for i, path in enumerate(NOTEBOOKS):
+        html = (tmp_path / f"{path.stem}.html").read_text()
+        assert "data:image/png;base64" in html  # plots are inside the page
+        assert f"colab.research.google.com/github/titans-mini/titans-mini/blob/main/notebooks/{path.name}" in html
+        assert not re.search(r'href="\d\d_\w+\.ipynb"', html)  # links between notebooks point to pages
+        if i + 1 < len(NOTEBOOKS):
+            assert f'href="{NOTEBOOKS[i + 1].stem}.html"' in html  # the "next" link
