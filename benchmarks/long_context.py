@@ -3,15 +3,16 @@
     python -m benchmarks.long_context --quick      # the shipped models only (under two minutes)
     python -m benchmarks.long_context --train mac mag mal lmm swa transformer --seeds 0 1 2
                                                    # trains and evaluates each model (RECIPES, one CPU thread)
-    python -m benchmarks.long_context --costs --json titans_mini/assets/long_context_results.json
+    python -m benchmarks.long_context --costs --threads 2 --json titans_mini/assets/long_context_results.json
         # the report notebook 08 reads: the shipped models evaluated, the trained ones read back,
         # time per token and peak memory from 1k to 64k tokens
 
-Models (window 16, 2 layers, about 187 k parameters each): the five of `benchmarks/passkey.py`
-(MAC, MAG, MAL, the memory alone LMM, sliding-window attention SWA) and a Transformer with
-full causal attention, all trained by the same recipe ("base"): distances 2..64, then 2..1,024
-(a length curriculum); "long" adds a stage on distances up to 4,096. Each trained model and its record are kept under --runs; a run already
-there is not trained again, so a long experiment can be split across sessions.
+Models (window 16, 2 layers, 145-195 k parameters): the five of `benchmarks/passkey.py` (MAC,
+MAG, MAL, the memory alone LMM, sliding-window attention SWA) and a Transformer with full causal
+attention, all trained by the same recipe ("base"): distances 2..64, then 2..1,024 (a length
+curriculum); "long" adds a stage on distances up to 4,096. Each trained model and its record
+are kept under --runs; a run already there is not trained again, so a long experiment can be
+split across sessions.
 
 Each prompt is streamed in pieces of 1,024 tokens with the state passed on, at needle
 distances from 64 to 16,384 tokens (1,024x the window), in two haystacks
@@ -20,11 +21,11 @@ distances from 64 to 16,384 tokens (1,024x the window), in two haystacks
 Greedy recall, chance 1/64.
 
 --quick evaluates the models shipped in `titans_mini/assets` (the MAC passkey model trained to
-distance 64, the same trained further to 1,024 then 4,096 with --finetune, and the best model
-of the recipes, an LMM trained to 4,096),
-on the filler haystack, 32 prompts a distance, and shows the trained models' records from the
-shipped results (--results); a shipped model that is a copy of a run (the LMM is lmm-long seed 0)
-replaces that run's record by the live one. Without --quick: 64 prompts a distance (--prompts), both haystacks.
+distance 64, the same trained further to 1,024 then 4,096 with --finetune, and the best model of
+the recipes, an LMM trained to 4,096) on the filler haystack, 32 prompts a distance, and shows
+the trained models' records from the shipped results (--results); a shipped model that is a copy
+of a run (the LMM is lmm-long seed 0) replaces that run's record by the live one. Without
+--quick: 64 prompts a distance (--prompts), both haystacks.
 
 The last line is `summary niah_best_16k=<accuracy> variant=<name> swa_16k=<accuracy>
 full_attention_16k=<accuracy>`: the best memory model at 16,384 (mean over its seeds) and the

@@ -5,6 +5,7 @@ laptop (the activations grow with the length), but a `TitansLM` carries a state 
 size: we feed each prompt in pieces of `piece` tokens, passing the state on, and read the
 answer at the end. The model guarantees that this equals one pass over the whole prompt.
 
+    stream(model, ids)                 feed a long input in pieces, the state passed on
     streamed_recall(model, distance)   greedy recall accuracy with the needle `distance` back
     gate_trace(model, ids)             theta_t, eta_t, alpha_t (and the surprise) of every memory layer, per token
     surprise_trace(memory, x)          ||grad of eq 12|| at every token: what the memory found surprising
@@ -32,6 +33,16 @@ from .training import pairs_at
 
 
 @torch.no_grad()
+def stream(model: nn.Module, ids: Tensor, piece: int = 1024) -> tuple[Tensor, object]:
+    """Feed `ids` (B, T) to `model` in pieces of `piece` tokens, the state passed on: the last
+    piece's logits and the final state (the same as one pass over all of `ids`)."""
+    state = None
+    for part in ids.split(piece, dim=1):
+        logits, state = model(part, state)
+    return logits, state
+
+
+@torch.no_grad()
 def streamed_recall(model: nn.Module, distance: int, *, n: int = 64, piece: int = 1024, seed: int = 1234,
                     haystack: str = "filler", distractors: int = 0) -> float:
     """Greedy accuracy on `n` passkey prompts whose question comes `distance` tokens after
@@ -43,9 +54,7 @@ def streamed_recall(model: nn.Module, distance: int, *, n: int = 64, piece: int 
     prompts = passkey_prompts(n, distance, n_pairs=pairs_at(distance, distractors), haystack=haystack,
                               generator=torch.Generator().manual_seed(seed))
     ids, answers = prompts["prompt_ids"].to(device), prompts["answers"].to(device)
-    state = None
-    for part in ids.split(piece, dim=1):
-        logits, state = model(part, state)
+    logits, _ = stream(model, ids, piece)
     diverged = (~torch.isfinite(logits[:, -1]).all(-1)).sum().item()
     if diverged:  # a NaN's argmax is some token: counted as a miss, and said
         warnings.warn(f"{diverged} of {n} prompts (distance {distance}, {haystack} haystack) gave non-finite logits: "
@@ -67,14 +76,12 @@ def gate_trace(model: nn.Module, ids: Tensor, *, piece: int = 1024, with_surpris
     """
     memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
     if not memories:
-        raise ValueError("the model has no NeuralMemory (variant 'swa' has no long-term memory)")
+        raise ValueError("the model has no NeuralMemory (the attention baselines 'swa' and 'transformer' have none)")
     inputs: dict[int, list[Tensor]] = {i: [] for i in range(len(memories))}
     hooks = [m.register_forward_hook(lambda module, args, out, i=i: inputs[i].append(args[0]))
              for i, m in enumerate(memories)]
     try:
-        state = None
-        for part in ids.split(piece, dim=1):
-            _, state = model(part, state)
+        stream(model, ids, piece)
     finally:
         for hook in hooks:
             hook.remove()
@@ -117,9 +124,7 @@ def time_per_token(model: nn.Module, context: int, *, blocks: int = 5, block: in
     median block taken (a laptop's timings jump with whatever else it is doing)."""
     device = next(model.parameters()).device
     ids = passkey_prompts(1, context, generator=torch.Generator().manual_seed(0))["prompt_ids"].to(device)
-    state = None
-    for part in ids.split(1024, dim=1):
-        logits, state = model(part, state)
+    logits, state = stream(model, ids)
     token, times = logits[:, -1:].argmax(-1), []
     for _ in range(blocks):
         start = time.perf_counter()
