@@ -24,7 +24,7 @@ Greedy recall, chance 1/64.
 distance 64, the same trained further to 1,024 then 4,096 with --finetune, and the best model of
 the recipes, an LMM trained to 4,096) on the filler haystack, 32 prompts a distance, and shows
 the trained models' records from the shipped results (--results); a shipped model that is a copy
-of a run (the LMM is lmm-long seed 0) replaces that run's record by the live one. Without
+of a run (the LMM is lmm-long seed 0) replaces that run's record at the distances measured live. Without
 --quick: 64 prompts a distance (--prompts), both haystacks.
 
 The last line is `summary niah_best_16k=<accuracy> variant=<name> swa_16k=<accuracy>
@@ -222,9 +222,16 @@ def main(argv: list[str] | None = None) -> dict:
         out["gates"][name] = forgetting_report(model, args.distances)
 
     if args.quick and Path(args.results).exists():  # the trained models, as the full run measured them
-        measured = {(r["name"], r["seed"]) for r in out["records"]}
-        saved = [r for r in json.loads(Path(args.results).read_text())["records"]
-                 if (r["name"], r["seed"]) not in measured]
+        live = {(r["name"], r["seed"]): r for r in out["records"]}
+        saved = []
+        for r in json.loads(Path(args.results).read_text())["records"]:
+            if (r["name"], r["seed"]) not in live:
+                saved.append(r)
+                continue
+            for haystack, by_distance in r["accuracy"].items():  # distances not measured live: as saved
+                measured = live[(r["name"], r["seed"])]["accuracy"].setdefault(haystack, {})
+                for d, a in by_distance.items():
+                    measured.setdefault(int(d), a)
         out["records"] += saved
         print(f"\n{len(saved)} records read back from {args.results} (not measured again by --quick)")
     if not args.quick:
