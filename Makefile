@@ -22,7 +22,7 @@ LOCKED := $(if $(filter $(LOCK_PYTHON),$(PY_VERSION)),-c $(LOCK))
 PYTEST_NB := --nbval-lax --nbval-cell-timeout=600
 TESTS = tests $(wildcard notebooks) $(PYTEST_NB)
 
-.PHONY: venv lab student site test test-latest lock gpu-check
+.PHONY: venv lab student site browser-test test test-latest lock gpu-check
 
 # $(call install,VENV,CPU PIP OPTIONS): create VENV and install titans-mini with its dev and hf extras.
 define install
@@ -72,6 +72,17 @@ student: venv
 site: venv
 	$(VENV)/bin/python .ci/build-site build/site
 
+# JupyterLab in a real browser (Debian's Chromium, driven by Playwright): every notebook with a
+# widget is run, its slider dragged and its plot checked; then the site's first page. Screenshots
+# in build/browser-test/ (see .ci/browser-test). Needs `apt-get install chromium`; nothing else
+# is downloaded (no `playwright install`).
+browser-test: venv
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "$$CHROMIUM" ] || \
+		{ echo "make browser-test: needs Chromium: sudo apt-get install chromium (or set CHROMIUM=/path/to/it)"; exit 1; }
+	$(VENV)/bin/python -m pip install -q -c constraints-cpu.txt $(LOCKED) -e ".[browser]"
+	$(VENV)/bin/python .ci/build-site build/site >/dev/null
+	$(VENV)/bin/python .ci/browser-test build/browser-test
+
 # Unit tests and every notebook (re-executed in a fresh kernel) in one pytest run.
 test: venv
 	$(VENV)/bin/python -m pytest $(TESTS)
@@ -91,7 +102,7 @@ test-latest:
 lock:
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q uv
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra hf --python-version $(LOCK_PYTHON) \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra hf --extra browser --python-version $(LOCK_PYTHON) \
 		-c constraints-cpu.txt --no-emit-package torch --no-header --output-file $(LOCK) \
 		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url $(TORCH_CPU_INDEX) --index-strategy unsafe-best-match)
 	@sed -i '1i # The versions `make test` installs on a CPU-only machine with Python $(LOCK_PYTHON) (torch: constraints-cpu.txt).\n# Made by `make lock` (uv pip compile of pyproject.toml, extras dev and hf); used as pip constraints.' $(LOCK)

@@ -82,7 +82,7 @@ def test_lock_pins_every_dependency_within_pyproject_ranges():
 
     project, lock = _pyproject(), _lock()
     extras = project["optional-dependencies"]
-    for requirement in map(Requirement, project["dependencies"] + extras["dev"] + extras["hf"]):
+    for requirement in map(Requirement, project["dependencies"] + extras["dev"] + extras["hf"] + extras["browser"]):
         name = _name(requirement.name)
         if name == "torch":  # constraints-cpu.txt on a CPU, your own torch on a GPU
             assert name not in lock
