@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "not trained again; every record is written back")
     args = parser.parse_args(argv)
     if args.quick:
-        args.variants, args.steps, args.dim, args.layers, args.seq_len, args.batch = ["swa", "transformer", "mac"], 5, 16, 1, 64, 4
+        args.variants = ["swa", "transformer", "mac"]
+        args.steps, args.dim, args.layers, args.seq_len, args.batch = 5, 16, 1, 64, 4
         args.window, args.chunk, args.eval_bytes, args.runs = 16, 8, 600, str(Path(args.runs) / "quick")
     torch.set_num_threads(args.threads)
     test = [f[: args.eval_bytes] for f in ByteCorpus("test").files if len(f) > 1]

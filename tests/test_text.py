@@ -99,6 +99,18 @@ def test_file_losses_are_the_whole_file_in_one_pass(variant):
     torch.testing.assert_close(file_losses(model, data, piece=37), whole, rtol=1e-4, atol=1e-4)
 
 
+def test_a_transformer_cut_to_a_window_reads_short_files_alike_and_long_ones_not():
+    """The benchmark's "windowed" Transformer: the same weights in a sliding-window model."""
+    model = tiny_model("transformer")
+    windowed = TitansLM(model.config.replace(variant="swa", window=32)).eval()
+    windowed.load_state_dict(model.state_dict())  # strict: the two share every parameter
+    data = ByteCorpus("valid").files[0][:200]
+    short_full, short_cut = file_losses(model, data[:32]), file_losses(windowed, data[:32])
+    assert torch.allclose(short_full, short_cut, atol=1e-5)  # no byte sees more than 32 back: nothing changes
+    full, cut = file_losses(model, data), file_losses(windowed, data)
+    assert torch.allclose(full[:31], cut[:31], atol=1e-5) and not torch.allclose(full[40:], cut[40:], atol=1e-3)
+
+
 def test_loss_by_position_bins_every_predicted_byte_once():
     model, files = tiny_model(), [f[:n] for f, n in zip(ByteCorpus("valid").files, (300, 70, 1))]
     report = loss_by_position(model, files, bins=(0, 64, 256))
