@@ -3,12 +3,15 @@
     python -m benchmarks.stdlib_lm --quick            # 3 tiny models, a few steps: checks the script runs
     python -m benchmarks.stdlib_lm --seeds 0 1 2      # the experiment: six models, each trained then measured
     python -m benchmarks.stdlib_lm --json titans_mini/assets/stdlib_lm_results.json   # the report notebook 09 reads
+    python -m benchmarks.stdlib_lm --segments 16 ...  # trained on streams of 16 windows, the state carried
 
 Six models of about the same size, trained the same way (`titans_mini.text.train`: the same
 steps, global batch and windows of --seq-len bytes, so the same training bytes): SWA and a
 full-attention Transformer (the baselines), LMM (the memory alone), MAC, MAG and MAL. Each run
-is kept under --runs (`<variant>_<seed>/`), and a run already there is not trained again,
-so the experiment can be split across sessions.
+is kept under --runs (`<variant>_<seed>/`, `<variant>_s<K>_<seed>/` with --segments K), and a
+run already there is not trained again, so the experiment can be split across sessions.
+By default every training window starts from a fresh state; --segments K trains on streams
+of K windows from a file's start with the state carried between them (`text.train`).
 
 Measured on the test split (files never trained on), each file read whole from its first byte,
 streamed with the state (`text.evaluate.loss_by_position`, files cut at --eval-bytes): bits per
@@ -43,15 +46,15 @@ BASELINES = ("swa", "transformer", "transformer_windowed")
 
 def run(variant: str, seed: int, args: argparse.Namespace, test: list[torch.Tensor]) -> dict:
     """Train one model (or find it trained) and measure it; the record is saved beside it."""
-    out = Path(args.runs) / f"{variant}_{seed}"
+    out = Path(args.runs) / (f"{variant}_{seed}" if args.segments == 1 else f"{variant}_s{args.segments}_{seed}")
     record_path = out / "record.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
     options = ["--variant", variant, "--seed", str(seed), "--out", str(out), "--threads", str(args.threads),
                "--steps", str(args.steps), "--dim", str(args.dim), "--layers", str(args.layers),
                "--window", str(args.window), "--chunk", str(args.chunk), "--seq-len", str(args.seq_len),
-               "--batch", str(args.batch), "--eval-every", str(args.steps),
-               "--save-every", str(min(args.steps, 250))]  # a run stopped midway resumes from its last checkpoint
+               "--batch", str(args.batch), "--segments", str(args.segments), "--eval-every", str(args.steps),
+               "--save-every", str(save_every(args))]  # a run stopped midway resumes from its last checkpoint
     if (out / "checkpoint.pt").exists():
         options.append("--resume")
     start = time.perf_counter()
@@ -62,7 +65,8 @@ def run(variant: str, seed: int, args: argparse.Namespace, test: list[torch.Tens
     model.load_state_dict(saved["model"])
     save_checkpoint(model, out / "model.pt", seed=seed, steps=args.steps)
     report = loss_by_position(model, test, piece=512)
-    record = {"variant": variant, "seed": seed, "parameters": model.num_parameters(), "seconds": round(seconds),
+    record = {"variant": variant, "seed": seed, "segments": args.segments,
+              "parameters": model.num_parameters(), "seconds": round(seconds),
               "train_bytes": args.steps * args.batch * args.seq_len, "val_bpb": result["val_bpb"],
               "test": report, "history": [h["bpb"] for h in saved["history"]]}
     if variant == "transformer":
@@ -75,6 +79,15 @@ def run(variant: str, seed: int, args: argparse.Namespace, test: list[torch.Tens
     record_path.write_text(json.dumps(record, indent=1))
     print(f"{variant} seed {seed}: test {report['bpb']:.3f} bits per byte ({seconds:.0f} s)", flush=True)
     return record
+
+
+def save_every(args: argparse.Namespace) -> int:
+    """About 250 steps, a whole number of streams."""
+    return max(args.segments, min(args.steps, 250) // args.segments * args.segments)
+
+
+def key(record: dict) -> tuple:
+    return record["variant"], record["seed"], record.get("segments", 1)
 
 
 def print_report(records: list[dict]) -> dict[str, float]:
@@ -113,6 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--segments", type=int, default=1, help="windows per training stream, the state carried")
     parser.add_argument("--eval-bytes", type=int, default=32768, help="read at most this many bytes of each test file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", default="runs/stdlib_lm")
@@ -128,11 +142,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"test split: {len(test)} files, {sum(len(f) for f in test):,} bytes read (each cut at {args.eval_bytes:,})")
     kept = {}  # records of an earlier session, shipped in --json (runs/ is not kept between machines)
     if args.json and Path(args.json).exists():
-        kept = {(r["variant"], r["seed"]): r for r in json.loads(Path(args.json).read_text())["records"]}
-    records = [kept.get((v, s)) or run(v, s, args, test) for v in args.variants for s in args.seeds]
+        kept = {key(r): r for r in json.loads(Path(args.json).read_text())["records"]}
+    records = [kept.get((v, s, args.segments)) or run(v, s, args, test) for v in args.variants for s in args.seeds]
+    fresh, carried = f"windows of {args.seq_len} bytes, each from a fresh state", \
+        f"streams of {args.segments} windows of {args.seq_len} bytes from a file's start, the state carried"
+    print(f"\ntrained on {fresh if args.segments == 1 else carried}")
     means = print_report(records)
     if args.json:
-        kept.update({(r["variant"], r["seed"]): r for r in records})
+        kept.update({key(r): r for r in records})
         Path(args.json).write_text(json.dumps({"bins": list(POSITION_BINS), "records": list(kept.values())}, indent=1))
     best = min((v for v in means if v not in BASELINES), key=means.get, default=None)
     fmt = lambda v: f"{means[v]:.3f}" if v in means else "na"  # noqa: E731

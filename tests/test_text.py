@@ -48,6 +48,22 @@ def test_batches_are_windows_of_the_stream_fixed_by_seed_and_step():
         ByteCorpus("validation")
 
 
+def test_streamed_batches_read_on_from_a_file_start_piece_by_piece():
+    corpus, n = ByteCorpus("valid"), 40
+    pieces = [corpus.batch(5, n, seed=3, step=step, segments=3) for step in range(6)]
+    file_starts = {0} | {i + 1 for i in (corpus.stream == SEPARATOR).nonzero().flatten().tolist()}
+    stream = bytes(corpus.stream.tolist())
+    for episode in (pieces[:3], pieces[3:]):
+        rows = torch.cat([inputs for inputs, _ in episode], dim=1)  # (5, 3 * n): one stream per row
+        assert torch.equal(torch.cat([t for _, t in episode], dim=1)[:, :-1], rows[:, 1:])
+        for row in rows:
+            found = stream.find(bytes(row.tolist()))
+            assert found in file_starts  # (a row that begins like another file could be found there: none here)
+    assert not torch.equal(pieces[0][0], pieces[3][0])  # a new episode, new files
+    with pytest.raises(ValueError, match="segments"):
+        corpus.batch(5, n, seed=3, step=0, segments=0)
+
+
 TINY = ["--dim", "16", "--layers", "1", "--heads", "2", "--window", "8", "--chunk", "4", "--seq-len", "32",
         "--batch", "4", "--eval-every", "100", "--eval-batches", "1", "--no-progress", "--threads", "1"]
 
@@ -62,11 +78,13 @@ def train(out: Path, *extra: str, processes: int = 1) -> dict:
 
 
 def test_two_processes_with_ddp_reach_the_weights_of_one(tmp_path):
-    """The same global batch of 8 windows: one process, and two processes under torchrun
-    (gloo) each in 2 micro-batches of 2 (DDP's no_sync, then one gradient average). Equal up
+    """The same global batch of 8 streams of 3 windows, the state carried between them: one
+    process, and two processes under torchrun (gloo) each in 2 micro-batches of 2 (DDP's
+    no_sync, then one gradient average), each micro-batch carrying its own rows' state. Equal up
     to float rounding in the gradient's sums (measured 1.5e-8 after 3 AdamW steps; tolerance 1e-6)."""
-    one = train(tmp_path / "one", "--steps", "3", "--batch", "8")
-    two = train(tmp_path / "two", "--steps", "3", "--batch", "8", "--accum", "2", processes=2)
+    one = train(tmp_path / "one", "--steps", "3", "--batch", "8", "--segments", "3", "--save-every", "3")
+    two = train(tmp_path / "two", "--steps", "3", "--batch", "8", "--segments", "3", "--save-every", "3",
+                "--accum", "2", processes=2)
     for name, weight in one["model"].items():
         torch.testing.assert_close(two["model"][name], weight, rtol=0, atol=1e-6, msg=name)
     torch.manual_seed(0)
@@ -74,10 +92,19 @@ def test_two_processes_with_ddp_reach_the_weights_of_one(tmp_path):
     assert (one["model"]["embed.weight"] - start).abs().max() > 1e-4  # training moved the weights
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = train(tmp_path / "straight", "--steps", "4")
-    train(tmp_path / "split", "--steps", "4", "--until", "2")
-    resumed = train(tmp_path / "split", "--steps", "4", "--resume")
+def test_a_checkpoint_inside_a_stream_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--segments", "4", "--steps", "6"])
+    assert "--steps must be a multiple of --segments 4, got 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("segments", ["1", "2"])
+def test_resume_continues_exactly(tmp_path, segments):
+    """Stopped after step 2 and resumed: the weights and losses of a run that never stopped.
+    With streams of 2 windows the stop falls between two streams (the state starts fresh)."""
+    straight = train(tmp_path / "straight", "--steps", "4", "--segments", segments, "--save-every", "2")
+    train(tmp_path / "split", "--steps", "4", "--until", "2", "--segments", segments, "--save-every", "2")
+    resumed = train(tmp_path / "split", "--steps", "4", "--resume", "--segments", segments, "--save-every", "2")
     assert resumed["step"] == straight["step"] == 4
     for name, weight in straight["model"].items():
         assert torch.equal(resumed["model"][name], weight), name

@@ -7,7 +7,8 @@ lines before it is used). We read it as bytes, a vocabulary of 256, and split it
     source_files()         the files, relative paths in sorted order, test folders excluded
     split_of(path)         "train" (90%), "valid" (5%) or "test" (5%): a hash of the path
     ByteCorpus(split)      one split as a single byte stream, files joined by a 0 byte
-    corpus.batch(...)      a batch of windows, the same for a given (seed, step) on every machine
+    corpus.batch(...)      a batch of windows, or of pieces of long streams from file starts,
+                           the same for a given (seed, step) on every machine
     describe()             the Python version and the files and bytes of each split
 
 The split depends only on a file's relative path, so it is stable across machines; the
@@ -73,15 +74,31 @@ class ByteCorpus:
     def __len__(self) -> int:
         return len(self.stream)
 
-    def batch(self, batch_size: int, seq_len: int, *, seed: int, step: int) -> tuple[Tensor, Tensor]:
-        """(inputs, targets), each (batch_size, seq_len) int64: windows of seq_len + 1
-        contiguous bytes at random places of the stream, targets one byte ahead. The places
-        depend only on (seed, step), so every process of a distributed run, and a resumed
-        run, draws the same global batch and takes its own rows of it."""
+    def batch(self, batch_size: int, seq_len: int, *, seed: int, step: int,
+              segments: int = 1) -> tuple[Tensor, Tensor]:
+        """(inputs, targets), each (batch_size, seq_len) int64, targets one byte ahead. They
+        depend only on (seed, step), so every process of a distributed run, and a resumed run,
+        draws the same global batch and takes its own rows of it.
+
+        segments=1: windows of seq_len + 1 contiguous bytes at random places of the stream.
+        segments=K: the rows are K * seq_len bytes of the stream from the start of a file
+        (drawn in proportion to its length, so a byte's chance of being read is the same as
+        in the test files' bytes), read over K consecutive steps: step s gives piece s % K of
+        the streams of episode s // K. A model trained on them carries its state from one
+        piece to the next and starts fresh with each episode, as it reads a file at test time."""
         check_int("batch_size", batch_size, 1)
-        check_int("seq_len", seq_len, 1, len(self.stream) - 1)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        starts = torch.randint(0, len(self.stream) - seq_len, (batch_size,), generator=generator)
+        check_int("segments", segments, 1)
+        check_int("seq_len", seq_len, 1, (len(self.stream) - 1) // segments)
+        episode, piece = divmod(step, segments)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + episode)
+        if segments == 1:
+            starts = torch.randint(0, len(self.stream) - seq_len, (batch_size,), generator=generator)
+        else:
+            lengths = torch.tensor([len(f) + 1 for f in self.files])
+            file_starts = lengths.cumsum(0) - lengths
+            room = file_starts + segments * seq_len < len(self.stream)  # the whole stream fits before the end
+            chosen = torch.multinomial((lengths * room).double(), batch_size, replacement=True, generator=generator)
+            starts = file_starts[chosen] + piece * seq_len
         windows = self.stream[starts[:, None] + torch.arange(seq_len + 1)].long()
         return windows[:, :-1], windows[:, 1:]
 

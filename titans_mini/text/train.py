@@ -3,6 +3,7 @@
     python -m titans_mini.text.train --variant mac --steps 2000 --out runs/lm/mac
     torchrun --nproc_per_node=2 -m titans_mini.text.train --variant mac --steps 2000 --out runs/lm/mac
     python -m titans_mini.text.train --variant mac --steps 2000 --out runs/lm/mac --resume   # carry on
+    python -m titans_mini.text.train --variant mac --segments 16 ...   # streams of 16 windows, state carried
 
 Several processes run PyTorch's own DistributedDataParallel (gloo on CPU, nccl on GPU):
 each process takes its share of every global batch (`--batch` rows, the same rows
@@ -11,6 +12,15 @@ gradients. With `--accum A` each process splits its share into A micro-batches a
 DDP synchronises only after the last. Equal shares make the averaged gradient the
 gradient of the global batch's mean loss, so N processes reach the weights of one
 process (up to float rounding); `tests/test_text.py` checks it.
+
+By default every window starts from a fresh state, so the model never reads past
+`--seq-len` bytes. With `--segments K` each row is a stream of K windows from the start of
+a file, read over K steps with the state (memory weights and momentum, attention cache)
+carried from one window to the next and detached from the graph: truncated
+backpropagation through time. The gradient then reaches only into the current window, but
+the model learns to use, and not be thrown by, a state built over K * seq-len bytes, which
+is how it reads a whole file at test time. The paper trains on fixed-length sequences and
+does not say how its memory carries across them; this option is our choice.
 
 Every `--save-every` steps (and at the end) the first process writes `checkpoint.pt`
 (model, optimiser, schedule, step, loss history; read back with weights_only=True) and
@@ -51,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--chunk", type=int, default=16, help="memory chunk size")
     add("--seq-len", type=int, default=512, help="bytes per training window")
     add("--batch", type=int, default=16, help="windows per step, over all processes")
+    add("--segments", type=int, default=1, help="windows per stream, the state carried between them (1: fresh each)")
     add("--accum", type=int, default=1, help="micro-batches per process per step")
     add("--steps", type=int, default=1000)
     add("--lr", type=float, default=2e-3)
@@ -65,9 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--threads", type=int, default=None, help="CPU threads per process")
     add("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch", "accum", "seq_len", "eval_every", "eval_batches", "save_every"):
+    for name in ("steps", "batch", "segments", "accum", "seq_len", "eval_every", "eval_batches", "save_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("steps", "save_every", "until"):  # a checkpoint falls between two streams, never inside one
+        if getattr(args, name) is not None and getattr(args, name) % args.segments:
+            parser.error(f"--{name.replace('_', '-')} must be a multiple of --segments {args.segments}, "
+                         f"got {getattr(args, name)}")
     return args
 
 
@@ -76,10 +91,11 @@ def model_config(args: argparse.Namespace) -> TitansConfig:
                         window=args.window, chunk_size=args.chunk)
 
 
-def byte_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in nats per byte (divide by ln 2 for bits per byte)."""
-    logits, _ = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def byte_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, state=None):
+    """(mean cross-entropy in nats per byte, the model's state after `inputs`); divide the
+    loss by ln 2 for bits per byte."""
+    logits, state = model(inputs, state)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), state
 
 
 @torch.no_grad()
@@ -90,7 +106,7 @@ def validation_bpb(model: TitansLM, corpus: ByteCorpus, args: argparse.Namespace
     for i in range(args.eval_batches):
         inputs, targets = corpus.batch(args.batch, args.seq_len, seed=10_000 + args.seed, step=i)
         with autocast(device):
-            losses.append(byte_loss(model, inputs.to(device), targets.to(device)).item())
+            losses.append(byte_loss(model, inputs.to(device), targets.to(device))[0].item())
     model.train()
     return sum(losses) / len(losses) / LN2
 
@@ -156,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         start, history = saved["step"], saved["history"]
-    trained = DistributedDataParallel(model) if world > 1 else model
+    # A carried state replaces the memory's initial weights, which then get no gradient: DDP must look for them.
+    trained = DistributedDataParallel(model, find_unused_parameters=args.segments > 1) if world > 1 else model
     if first:
         print(f"{args.variant}: {model.num_parameters():,} parameters, {world} process(es), global batch "
               f"{args.batch} x {args.seq_len} bytes, steps {start}..{args.steps}", flush=True)
@@ -165,9 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
     stop = args.steps if args.until is None else min(args.until, args.steps)
     bar = tqdm(range(start, stop), disable=not first or args.no_progress, desc=args.variant)
     clock, tokens = time.perf_counter(), 0
+    states = [None] * args.accum  # one per micro-batch, carried between the windows of a stream
     model.train()
     for step in bar:
-        inputs, targets = train.batch(args.batch, args.seq_len, seed=args.seed, step=step)
+        inputs, targets = train.batch(args.batch, args.seq_len, seed=args.seed, step=step, segments=args.segments)
+        stream_ends = (step + 1) % args.segments == 0
         mine = slice(rank * rows * args.accum, (rank + 1) * rows * args.accum)
         inputs, targets = inputs[mine].to(device), targets[mine].to(device)
         total = 0.0
@@ -176,9 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
             last = micro == args.accum - 1  # DDP averages the gradients once, after the last micro-batch
             with trained.no_sync() if world > 1 and not last else contextlib.nullcontext():
                 with autocast(device):
-                    loss = byte_loss(trained, inputs[part], targets[part]) / args.accum
-                loss.backward()
-            total += loss.item()
+                    loss, state = byte_loss(trained, inputs[part], targets[part], states[micro])
+                (loss / args.accum).backward()
+            states[micro] = None if stream_ends else state.detach()
+            total += loss.item() / args.accum
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
