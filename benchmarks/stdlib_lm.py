@@ -3,6 +3,7 @@
     python -m benchmarks.stdlib_lm --quick            # 3 tiny models, a few steps: checks the script runs
     python -m benchmarks.stdlib_lm --seeds 0 1 2      # the experiment: six models, each trained then measured
     python -m benchmarks.stdlib_lm --json titans_mini/assets/stdlib_lm_results.json   # the report notebook 09 reads
+    python -m benchmarks.stdlib_lm --variants swa mag --seeds 1 2 --json ...  # more seeds, reported with the rest
     python -m benchmarks.stdlib_lm --segments 16 ...  # trained on streams of 16 windows, the state carried
 
 Six models of about the same size, trained the same way (`titans_mini.text.train`: the same
@@ -68,7 +69,8 @@ def run(variant: str, seed: int, args: argparse.Namespace, test: list[torch.Tens
     record = {"variant": variant, "seed": seed, "segments": args.segments,
               "parameters": model.num_parameters(), "seconds": round(seconds),
               "train_bytes": args.steps * args.batch * args.seq_len, "val_bpb": result["val_bpb"],
-              "test": report, "history": [h["bpb"] for h in saved["history"]]}
+              "test": report, "history": [h["bpb"] for h in saved["history"]],
+              "skipped_steps": [h["step"] for h in saved["history"] if h.get("skipped")]}
     if variant == "transformer":
         # Trained on windows of --seq-len bytes, full attention never saw two bytes further apart;
         # read whole files it must. So it is also measured the way it is usually deployed: the
@@ -130,8 +132,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--eval-bytes", type=int, default=32768, help="read at most this many bytes of each test file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", default="runs/stdlib_lm")
-    parser.add_argument("--json", default=None, help="the records: (variant, seed) already there are read back, "
-                        "not trained again; every record is written back")
+    parser.add_argument("--json", default=None, help="the records: (variant, seed, segments) already there are read back, "
+                        "not trained again; every record is written back and the report covers all trained alike")
     args = parser.parse_args(argv)
     if args.quick:
         args.variants = ["swa", "transformer", "mac"]
@@ -146,11 +148,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = [kept.get((v, s, args.segments)) or run(v, s, args, test) for v in args.variants for s in args.seeds]
     fresh, carried = f"windows of {args.seq_len} bytes, each from a fresh state", \
         f"streams of {args.segments} windows of {args.seq_len} bytes from a file's start, the state carried"
-    print(f"\ntrained on {fresh if args.segments == 1 else carried}")
-    means = print_report(records)
     if args.json:
         kept.update({key(r): r for r in records})
         Path(args.json).write_text(json.dumps({"bins": list(POSITION_BINS), "records": list(kept.values())}, indent=1))
+        # the report covers every record trained this way, those of earlier calls (other seeds) too
+        records = sorted((r for r in kept.values() if r.get("segments", 1) == args.segments),
+                         key=lambda r: (VARIANTS.index(r["variant"]), r["seed"]))
+    print(f"\ntrained on {fresh if args.segments == 1 else carried}")
+    means = print_report(records)
     best = min((v for v in means if v not in BASELINES), key=means.get, default=None)
     fmt = lambda v: f"{means[v]:.3f}" if v in means else "na"  # noqa: E731
     print(f"summary best={best or 'na'} test_bpb={fmt(best)} swa={fmt('swa')} "

@@ -1,6 +1,7 @@
 """Byte-level language modelling on the standard library: the corpus, and training on one
 process or two (torchrun, DistributedDataParallel), with resume."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from titans_mini.models import TitansLM
 from titans_mini.text.data import EXCLUDED_FOLDERS, SEPARATOR, ByteCorpus, source_files, split_of, stdlib_root
 from titans_mini.text.evaluate import continue_file, file_losses, loss_by_position
+from titans_mini.text import train as trainer
 from titans_mini.text.train import model_config, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +111,29 @@ def test_resume_continues_exactly(tmp_path, segments):
     for name, weight in straight["model"].items():
         assert torch.equal(resumed["model"][name], weight), name
     assert [h["bpb"] for h in resumed["history"]] == [h["bpb"] for h in straight["history"]]
+
+
+def test_a_step_whose_gradient_is_not_finite_is_skipped(tmp_path, monkeypatch):
+    """The loss of step 2 made NaN: its step leaves the weights as step 1 left them, it is
+    marked in the history and counted in the summary, and training goes on finite."""
+    calls, byte_loss = [], trainer.byte_loss
+
+    def poisoned(model, inputs, targets, state=None):
+        loss, state = byte_loss(model, inputs, targets, state)
+        calls.append(len(calls) + 1)
+        return (loss * float("nan") if calls[-1] == 2 else loss), state
+
+    clean = train(tmp_path / "clean", "--steps", "3", "--until", "1", "--save-every", "1")
+    monkeypatch.setattr(trainer, "byte_loss", poisoned)
+    trainer.main(TINY + ["--out", str(tmp_path / "poisoned"), "--steps", "3", "--until", "2", "--save-every", "1"])
+    poisoned_run = torch.load(tmp_path / "poisoned" / "checkpoint.pt", weights_only=True)
+    assert [h["step"] for h in poisoned_run["history"] if h.get("skipped")] == [2]
+    for name, weight in clean["model"].items():
+        assert torch.equal(poisoned_run["model"][name], weight), name
+    result = trainer.main(TINY + ["--out", str(tmp_path / "poisoned"), "--steps", "3", "--resume", "--save-every", "1"])
+    assert all(torch.isfinite(w).all() for w in torch.load(tmp_path / "poisoned" / "checkpoint.pt",
+                                                           weights_only=True)["model"].values())
+    assert math.isfinite(result["val_bpb"])
 
 
 def tiny_model(variant: str = "mac") -> TitansLM:

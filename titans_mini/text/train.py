@@ -22,10 +22,15 @@ the model learns to use, and not be thrown by, a state built over K * seq-len by
 is how it reads a whole file at test time. The paper trains on fixed-length sequences and
 does not say how its memory carries across them; this option is our choice.
 
+A step whose gradient is not finite (the deep memory's inner loop can overflow on a long
+carried state) is skipped rather than written into the weights, and the streams restart
+from fresh states; the record in the history says `skipped`. The paper does not discuss
+it; we do it so one bad window does not end a run, and we report how often it happened.
+
 Every `--save-every` steps (and at the end) the first process writes `checkpoint.pt`
 (model, optimiser, schedule, step, loss history; read back with weights_only=True) and
 `loss.png` to `--out`. On a GPU the forward runs under bf16 autocast; the memory's inner
-loop stays float32 (`NeuralMemory`). The last line is `summary val_bpb=... steps=... tokens=...`.
+loop stays float32 (`NeuralMemory`). The last line is `summary val_bpb=... steps=... tokens=... skipped=...`.
 """
 
 from __future__ import annotations
@@ -126,10 +131,11 @@ def schedule(args: argparse.Namespace):
 
 
 def save_plot(history: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    """The loss curve as a PNG. A bare Figure (no pyplot) draws without a display and leaves the
+    backend of a notebook that called us alone."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot([h["step"] for h in history], [h["bpb"] for h in history], lw=1, label="train")
     valid = [h for h in history if "val_bpb" in h]
     ax.plot([h["step"] for h in valid], [h["val_bpb"] for h in valid], marker="o", label="validation")
@@ -137,7 +143,6 @@ def save_plot(history: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -199,12 +204,17 @@ def main(argv: list[str] | None = None) -> dict:
                 (loss / args.accum).backward()
             states[micro] = None if stream_ends else state.detach()
             total += loss.item() / args.accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        record = {"step": step + 1, "bpb": total / LN2}  # this process's share; printed by the first
+        if torch.isfinite(norm):
+            optimizer.step()
+        else:  # the same on every process: DDP has averaged the gradients
+            record["skipped"], states = True, [None] * args.accum
+            if first:
+                tqdm.write(f"step {step + 1}: gradient not finite (loss {total:.3f}); step skipped, streams restarted")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += args.batch * args.seq_len
-        record = {"step": step + 1, "bpb": total / LN2}  # this process's share; printed by the first
         if first and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             record["val_bpb"] = validation_bpb(model, valid, args, device)
         history.append(record)
@@ -219,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
         dist.destroy_process_group()
     val = next((h["val_bpb"] for h in reversed(history) if "val_bpb" in h), float("nan"))
     if first:
-        print(f"summary val_bpb={val:.4f} steps={args.steps} tokens={args.steps * args.batch * args.seq_len}")
+        skipped = sum(1 for h in history if h.get("skipped"))
+        print(f"summary val_bpb={val:.4f} steps={args.steps} tokens={args.steps * args.batch * args.seq_len} "
+              f"skipped={skipped}")
     return {"val_bpb": val, "history": history}
 
 
