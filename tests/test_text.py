@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from titans_mini.models import TitansLM
+from titans_mini.text import train as trainer
 from titans_mini.text.data import EXCLUDED_FOLDERS, SEPARATOR, ByteCorpus, source_files, split_of, stdlib_root
 from titans_mini.text.evaluate import continue_file, file_losses, loss_by_position
-from titans_mini.text import train as trainer
 from titans_mini.text.train import model_config, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_resume_continues_exactly(tmp_path, segments):
     assert [h["bpb"] for h in resumed["history"]] == [h["bpb"] for h in straight["history"]]
 
 
-def test_a_step_whose_gradient_is_not_finite_is_skipped(tmp_path, monkeypatch):
+def test_a_step_whose_gradient_is_not_finite_is_skipped(tmp_path, monkeypatch, capsys):
     """The loss of step 2 made NaN: its step leaves the weights as step 1 left them, it is
     marked in the history and counted in the summary, and training goes on finite."""
     calls, byte_loss = [], trainer.byte_loss
@@ -126,6 +126,7 @@ def test_a_step_whose_gradient_is_not_finite_is_skipped(tmp_path, monkeypatch):
     clean = train(tmp_path / "clean", "--steps", "3", "--until", "1", "--save-every", "1")
     monkeypatch.setattr(trainer, "byte_loss", poisoned)
     trainer.main(TINY + ["--out", str(tmp_path / "poisoned"), "--steps", "3", "--until", "2", "--save-every", "1"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("skipped=1")
     poisoned_run = torch.load(tmp_path / "poisoned" / "checkpoint.pt", weights_only=True)
     assert [h["step"] for h in poisoned_run["history"] if h.get("skipped")] == [2]
     for name, weight in clean["model"].items():
