@@ -7,16 +7,29 @@ contaminate each other. Peak memory on CPU: the subprocess's ru_maxrss (the Pyth
 interpreter and the imports included); on CUDA: torch.cuda.max_memory_allocated.
 
 glibc and peak RSS: freed blocks stay in a fragmented heap, so the RSS peak of
-allocation-heavy code exceeds its live tensors. `--malloc-mmap-threshold 131072` runs
-every measurement subprocess (all implementations, both passes) with
-MALLOC_MMAP_THRESHOLD_=131072: large blocks then go straight back to the system, peaks
-drop (ours markedly), but every large allocation pays fresh page faults and the speeds
-drop too (the per-token loop's most: it allocates weight-sized tensors every token).
-The default is glibc's own setting; the first lines of the output say which was used.
+allocation-heavy code exceeds its live tensors. It is worst where many small allocations
+(an autograd graph's nodes) land between freed weight-sized tensors: glibc carves them out
+of the freed blocks, which then no longer fit the next weight-sized tensor (torch asks for
+64-byte-aligned blocks, a little more than the tensor), so the heap grows and every new page
+is a page fault, system time (`chunked.RecomputedGroup` says how our chunked path avoids
+it). `--malloc-mmap-threshold 131072` runs every measurement subprocess (all
+implementations, both passes) with MALLOC_MMAP_THRESHOLD_=131072: large blocks then go
+straight back to the system, peaks drop, but every large allocation pays fresh page faults
+and the speeds drop too (the per-token loop's most: it allocates weight-sized tensors every
+token). The default is glibc's own setting; the first lines of the output say which was used,
+and the glibc version.
+
+--load starts one CPU-bound process (a Python busy loop) beside the benchmark and stops
+it at the end: a learner's laptop is rarely idle. --memory-vs-T PNG measures only the
+peak memory of forward + backward at T 1k-32k (dim 256, batch 4, chunk 64; one timed
+call each, skipped where the estimate exceeds --max-gb or --max-seconds), ours and
+titans-pytorch, fits the growth of the peak above the process's start (~ T^p) and plots
+it.
 
 Timing: a warm-up call on 2 chunks, then full-size calls (a first full-size call under
 5 s counts as a warm-up too); the median of up to --repeats calls within --max-seconds.
-Each line also says whether the outputs (and gradients) were finite.
+Each line also gives the spread of the calls (fastest-slowest) and their system CPU time
+over their user CPU time, and says whether the outputs (and gradients) were finite.
 
 Implementations, all a depth-2 memory MLP dim -> 4 dim -> dim, with the same dim and chunk:
     chunked                   ours, NeuralMemory(dim, depth=2, chunk_size=C, expansion=4)
@@ -40,12 +53,17 @@ graph holds three or four weight-sized tensors per token, `per_token_backward_mb
 
 The last line, for dim 256, batch 4, T 4096, chunk 64:
     summary speedup_vs_per_token=<x> speedup_vs_titans_pytorch=<y|na> memory_ratio_vs_titans_pytorch=<z|na>
+            fwdbwd_peak_share=<s> fwdbwd_system_over_user=<r> load=<on|off>      (one line)
 speedup_vs_per_token from the forward pass (in --quick the per-token loop is timed at a
 shorter T and its tokens/s carried over: its cost per token does not depend on T; the
 output says so); the titans-pytorch figures from forward + backward (our tokens/s / theirs,
-our peak memory / theirs).
+our peak memory / theirs); fwdbwd_peak_share: our forward + backward's matmul rate (3x the
+analytic forward count) over the matmul peak of the same run; fwdbwd_system_over_user: the
+system CPU time of those calls over their user CPU time; load: whether --load was on.
 
     python benchmarks/bench_memory.py --quick            # the summary only, ~2 min on 2 CPU cores
+    python benchmarks/bench_memory.py --quick --load     # the same beside a CPU-bound process
+    python benchmarks/bench_memory.py --memory-vs-T benchmarks/memory_vs_T.png   # ~10 min
     python -m benchmarks.bench_memory --json out.json    # the whole sweep (an hour or more on CPU)
 """
 
@@ -53,7 +71,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import platform
 import re
 import resource
 import statistics
@@ -66,6 +86,7 @@ from pathlib import Path
 import torch
 
 DIMS, BATCHES, STEPS, CHUNK = (64, 256), (1, 4), (256, 512, 1024, 2048, 4096, 8192), 64
+SWEEP_STEPS = (1024, 2048, 4096, 8192, 16384, 32768)  # --memory-vs-T
 SUMMARY = dict(dim=256, batch=4, steps=4096, chunk=CHUNK)
 QUICK_PER_TOKEN_STEPS = 256  # --quick times the per-token loop at this T and carries its tokens/s over
 QUICK_BUDGET_S = 20.0  # --quick: a second timed call only if the measurement stays within this
@@ -90,9 +111,11 @@ class Result:
     config: Config
     tok_s: dict[str, float | None] = field(default_factory=dict)  # pass -> tokens/s, None = not measured
     peak_mb: dict[str, float | None] = field(default_factory=dict)
+    start_mb: dict[str, float] = field(default_factory=dict)  # the same before the first call
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of the whole measurement
     repeats: dict[str, int] = field(default_factory=dict)
     finite: dict[str, bool] = field(default_factory=dict)  # outputs (and gradients) all finite
+    calls: dict[str, list[dict]] = field(default_factory=dict)  # every timed call: wall, user and system seconds
     note: str = ""
 
 
@@ -150,8 +173,10 @@ def setup(threads: int) -> torch.device:
 def measure(config: Config, which: str, *, repeats: int = 3, budget_s: float = 90.0, device: torch.device | None = None) -> dict:
     """Tokens/s of one pass ("fwd" or "fwdbwd") of one configuration, in this process.
 
-    Returns {"tok_s", "peak_mb", "seconds", "repeats", "finite"}; peak_mb is this
-    process's peak so far (on CUDA: since this call began).
+    Returns {"tok_s", "peak_mb", "seconds", "repeats", "finite", "calls"}: tokens/s of the
+    median call; peak_mb is this process's peak so far (on CUDA: since this call began),
+    start_mb the same before the first call (the interpreter, the imports and the model);
+    calls, each timed call's wall, user and system seconds (CPU time of this process).
     """
     if which not in PASSES:
         raise ValueError(f"which must be one of {PASSES}, got {which!r}")
@@ -160,12 +185,14 @@ def measure(config: Config, which: str, *, repeats: int = 3, budget_s: float = 9
     model, kwargs = build(config, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    start_mb = _peak_mb(device)
     finite = True
 
-    def run(steps: int) -> float:
+    def run(steps: int) -> dict[str, float]:
         nonlocal finite
         x = torch.randn(config.batch, steps, config.dim, device=device)
         _sync(device)
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         if which == "fwd":
             with torch.no_grad():
@@ -175,25 +202,32 @@ def measure(config: Config, which: str, *, repeats: int = 3, budget_s: float = 9
             y.square().mean().backward()
         _sync(device)
         elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         finite = finite and all(bool(torch.isfinite(t).all()) for t in [y, *grads])
         model.zero_grad(set_to_none=True)
-        return elapsed
+        return {"wall": elapsed, "user": after.ru_utime - cpu.ru_utime, "sys": after.ru_stime - cpu.ru_stime}
 
     began = time.perf_counter()
     run(min(config.steps, 2 * config.chunk))  # lazy initialisation, first-call overheads
-    times = [run(config.steps)]
-    if times[0] < WARM_LIMIT_S:
-        times = [run(config.steps)]
-    while len(times) < repeats and time.perf_counter() - began + statistics.median(times) < budget_s:
-        times.append(run(config.steps))
+    calls = [run(config.steps)]
+    if calls[0]["wall"] < WARM_LIMIT_S:
+        calls = [run(config.steps)]
+    while len(calls) < repeats and time.perf_counter() - began + median(calls, "wall") < budget_s:
+        calls.append(run(config.steps))
     return {
-        "tok_s": config.batch * config.steps / statistics.median(times),
+        "tok_s": config.batch * config.steps / median(calls, "wall"),
         "peak_mb": _peak_mb(device),
+        "start_mb": start_mb,
         "seconds": time.perf_counter() - began,
-        "repeats": len(times),
+        "repeats": len(calls),
         "finite": finite,
+        "calls": calls,
     }
+
+
+def median(calls: list[dict], key: str) -> float:
+    return statistics.median(call[key] for call in calls)
 
 
 def measure_in_subprocess(
@@ -285,6 +319,10 @@ def format_line(result: Result) -> str:
         f"peak_mb_fwd={_fmt(result.peak_mb.get('fwd'))} peak_mb_fwdbwd={_fmt(result.peak_mb.get('fwdbwd'))}"
     )
     notes = [f"{which}: NON-FINITE outputs" for which, ok in result.finite.items() if not ok]
+    for which, calls in result.calls.items():  # the spread of the calls and where their CPU time went
+        walls = [call["wall"] for call in calls]
+        notes.append(f"{which}: {len(calls)} calls {min(walls):.2f}-{max(walls):.2f} s, "
+                     f"system/user CPU {system_share(calls):.2f}")
     notes += [result.note] if result.note else []
     return line + (f"  # {'; '.join(notes)}" if notes else "")
 
@@ -296,7 +334,8 @@ LINE = re.compile(
 )
 SUMMARY_LINE = re.compile(
     r"^summary speedup_vs_per_token=(?P<per_token>[\d.]+|na) "
-    r"speedup_vs_titans_pytorch=(?P<titans>[\d.]+|na) memory_ratio_vs_titans_pytorch=(?P<memory>[\d.]+|na)$"
+    r"speedup_vs_titans_pytorch=(?P<titans>[\d.]+|na) memory_ratio_vs_titans_pytorch=(?P<memory>[\d.]+|na) "
+    r"fwdbwd_peak_share=(?P<share>[\d.]+|na) fwdbwd_system_over_user=(?P<system>[\d.]+|na) load=(?P<load>on|off)$"
 )
 
 
@@ -312,8 +351,19 @@ def _find(results: list[Result], impl: str, dim: int, batch: int, steps: int, ch
     return found[0] if found else None
 
 
-def summary(results: list[Result], dim: int, batch: int, steps: int, chunk: int) -> tuple[str, list[str]]:
-    """The summary line and notes on how each figure was obtained."""
+def system_share(calls: list[dict]) -> float:
+    """System CPU seconds over user CPU seconds, over the calls (time in the kernel, mostly page faults)."""
+    return sum(call["sys"] for call in calls) / max(sum(call["user"] for call in calls), 1e-9)
+
+
+def summary(results: list[Result], dim: int, batch: int, steps: int, chunk: int,
+            peak_gflops: float | None = None, load: bool = False) -> tuple[str, list[str]]:
+    """The summary line and notes on how each figure was obtained.
+
+    peak_gflops: the matmul peak of the same run (the share of it our forward+backward
+    reaches, from `chunked_forward_flops`, is `fwdbwd_peak_share`); load: whether a
+    CPU-bound process ran beside (--load).
+    """
     notes = []
     ours_fwd = _find(results, "chunked", dim, batch, steps, chunk, "fwd")
     ours_train = _find(results, "chunked", dim, batch, steps, chunk, "fwdbwd")
@@ -334,7 +384,12 @@ def summary(results: list[Result], dim: int, batch: int, steps: int, chunk: int)
     speedup = ratio(ours_fwd and ours_fwd.tok_s["fwd"], per_token and per_token.tok_s["fwd"])
     vs_titans = ratio(ours_train and ours_train.tok_s["fwdbwd"], titans and titans.tok_s["fwdbwd"])
     memory = ratio(ours_train and ours_train.peak_mb["fwdbwd"], titans and titans.peak_mb["fwdbwd"])
-    line = f"summary speedup_vs_per_token={speedup} speedup_vs_titans_pytorch={vs_titans} memory_ratio_vs_titans_pytorch={memory}"
+    share = ratio(ours_train and 3 * chunked_forward_flops(dim, batch, steps, chunk) / (batch * steps)
+                  * ours_train.tok_s["fwdbwd"] / 1e9, peak_gflops)
+    system = f"{system_share(ours_train.calls['fwdbwd']):.2f}" if ours_train and ours_train.calls.get("fwdbwd") else "na"
+    line = (f"summary speedup_vs_per_token={speedup} speedup_vs_titans_pytorch={vs_titans} "
+            f"memory_ratio_vs_titans_pytorch={memory} fwdbwd_peak_share={share} fwdbwd_system_over_user={system} "
+            f"load={'on' if load else 'off'}")
     return line, notes
 
 
@@ -352,9 +407,13 @@ def estimate(config: Config, which: str, results: list[Result]) -> tuple[float |
     return seconds, megabytes
 
 
-def plan(quick: bool, have_titans: bool) -> list[tuple[Config, tuple[str, ...]]]:
-    """(configuration, passes to measure), smallest T first so skips can be estimated."""
+def plan(quick: bool, have_titans: bool, sweep: bool = False) -> list[tuple[Config, tuple[str, ...]]]:
+    """(configuration, passes to measure), smallest T first so skips can be estimated.
+    sweep: forward + backward of the summary's configuration at every T of SWEEP_STEPS."""
     d, b, t, c = (SUMMARY[k] for k in ("dim", "batch", "steps", "chunk"))
+    if sweep:
+        impls = ("chunked", "titans-pytorch") if have_titans else ("chunked",)
+        return [(Config(impl, d, b, steps, c), ("fwdbwd",)) for impl in impls for steps in SWEEP_STEPS]
     if quick:
         jobs = [(Config("chunked", d, b, t, c), PASSES), (Config("per_token", d, b, min(t, QUICK_PER_TOKEN_STEPS), c), ("fwd",))]
         if have_titans:
@@ -362,6 +421,39 @@ def plan(quick: bool, have_titans: bool) -> list[tuple[Config, tuple[str, ...]]]
         return jobs
     impls = IMPLS if have_titans else IMPLS[:2]
     return [(Config(impl, dim, batch, steps, CHUNK), PASSES) for dim in DIMS for batch in BATCHES for impl in impls for steps in STEPS]
+
+
+def start_load() -> subprocess.Popen:
+    """--load: one CPU-bound process beside the benchmark (a learner's laptop is rarely idle)."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def growth_exponent(results: list[Result]) -> float:
+    """p in (peak - start) ~ T^p, a least-squares fit on log-log axes over the measured T."""
+    points = [(math.log(r.config.steps), math.log(r.peak_mb["fwdbwd"] - r.start_mb["fwdbwd"])) for r in results]
+    mean_x, mean_y = (statistics.mean(xy[i] for xy in points) for i in (0, 1))
+    return (sum((x - mean_x) * (y - mean_y) for x, y in points)
+            / sum((x - mean_x) ** 2 for x, _ in points))
+
+
+def plot_memory(results: list[Result], path: Path) -> None:
+    """Peak memory of forward + backward against T, one line per implementation, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in dict.fromkeys(r.config.impl for r in results):
+        mine = [r for r in results if r.config.impl == impl]
+        label = f"{impl} (above its start ~ T^{growth_exponent(mine):.2f})" if len(mine) > 1 else impl
+        ax.plot([r.config.steps for r in mine], [r.peak_mb["fwdbwd"] / 1024 for r in mine], "o-", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T (tokens)", ylabel="peak memory (GB)",
+           title="forward + backward, dim 256, batch 4, chunk 64")
+    ax.set_xticks(SWEEP_STEPS, [f"{t // 1024}k" for t in SWEEP_STEPS])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _load() -> str:
@@ -378,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-gb", type=float, default=None, help="skip a measurement estimated to need more (default: 60%% of RAM)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=MMAP_THRESHOLD, help="run every measurement subprocess with MALLOC_MMAP_THRESHOLD_=this many bytes (e.g. 131072): lower peak RSS, slower; default 0 = glibc's own setting")
     parser.add_argument("--no-titans", action="store_true", help="leave titans-pytorch out even when installed")
+    parser.add_argument("--load", action="store_true", help="start one CPU-bound process beside the benchmark, stopped at the end")
+    parser.add_argument("--memory-vs-T", type=Path, metavar="PNG", help="instead of the speeds: the peak memory of "
+                        "forward+backward at T 1k-32k (dim 256, batch 4), ours and titans-pytorch, plotted to PNG")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -387,7 +482,16 @@ def main(argv: list[str] | None = None) -> int:
         got = measure(Config(**job["config"]), job["which"], repeats=job["repeats"], budget_s=job["budget_s"], device=device)
         print(json.dumps({**got, "malloc_mmap_threshold": int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 0))}))
         return 0
+    load = start_load() if args.load else None
+    try:
+        return benchmark(args)
+    finally:
+        if load is not None:
+            load.kill()
+            load.wait()
 
+
+def benchmark(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     repeats = args.repeats or (2 if args.quick else 3)
     budget_s = min(args.max_seconds, QUICK_BUDGET_S) if args.quick else args.max_seconds  # time for repeated calls
@@ -395,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     device = setup(args.threads)
     have_titans = not args.no_titans and titans_pytorch_available()
     mmap = args.malloc_mmap_threshold
-    print(f"# torch {torch.__version__} on {device}, {args.threads} threads; peak memory = "
+    libc = " ".join(platform.libc_ver()) or "libc unknown"
+    print(f"# torch {torch.__version__} on {device}, {args.threads} threads, {libc}; peak memory = "
           + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss of a fresh subprocess per measurement (imports included)"))
     print("# measurement subprocesses run with " + (
         f"MALLOC_MMAP_THRESHOLD_={mmap} for every implementation and pass (lower peak RSS, slower allocation)"
@@ -406,12 +511,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# titans-pytorch {version('titans-pytorch')}: its defaults (batch_size=None) with MemoryMLP(dim, depth=2, expansion_factor=4.)")
     else:
         print("# titans-pytorch: not installed (or --no-titans): its figures are na")
-    print(f"# load average before: {_load()}")
+    print(f"# load average before: {_load()}" + ("; --load: one CPU-bound process runs beside" if args.load else ""))
     peak = matmul_peak_gflops(device)
     print(f"# float32 matmul peak: {peak:.0f} GFLOP/s ({MATMUL_N.get(device.type, MATMUL_N['cpu'])}^2 sgemm, median of 5)", flush=True)
 
     results = []
-    for config, passes in plan(args.quick, have_titans):
+    sweep = args.memory_vs_T is not None
+    if sweep:
+        repeats = 1
+    for config, passes in plan(args.quick, have_titans, sweep):
         result = Result(config)
         skips = []
         for which in PASSES:
@@ -425,9 +533,20 @@ def main(argv: list[str] | None = None) -> int:
             got = measure_in_subprocess(config, which, repeats=repeats, budget_s=budget_s, threads=args.threads, mmap_threshold=mmap)
             result.tok_s[which], result.peak_mb[which] = got["tok_s"], got["peak_mb"]
             result.seconds[which], result.repeats[which], result.finite[which] = got["seconds"], got["repeats"], got["finite"]
+            result.calls[which], result.start_mb[which] = got["calls"], got["start_mb"]
         result.note = "; ".join(skips)
         results.append(result)
         print(format_line(result), flush=True)
+    if sweep:
+        measured = [r for r in results if r.peak_mb["fwdbwd"] is not None]
+        plot_memory(measured, args.memory_vs_T)
+        for impl in dict.fromkeys(r.config.impl for r in measured):
+            mine = [r for r in measured if r.config.impl == impl]
+            if len(mine) > 1:
+                print(f"# {impl}: peak memory above the process's start grows like T^{growth_exponent(mine):.2f} "
+                      f"(least squares, T {mine[0].config.steps}-{mine[-1].config.steps})")
+        print(f"# load average after: {_load()}; wall time {time.perf_counter() - began:.0f} s; plot: {args.memory_vs_T}")
+        return 0
 
     d, b, t, c = (SUMMARY[k] for k in ("dim", "batch", "steps", "chunk"))
     flops = chunked_forward_flops(d, b, t, c)
@@ -437,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = factor * flops / (b * t) * r.tok_s[which] / 1e9
             print(f"# chunked dim {d} B{b} T{t} C{c} {name}: {rate:.0f} GFLOP/s = {100 * rate / peak:.0f}% of the matmul peak "
                   f"({factor} x {flops / (b * t) / 1e6:.2f} MFLOP/token, analytic matmul count)")
-    line, notes = summary(results, d, b, t, c)
+    line, notes = summary(results, d, b, t, c, peak_gflops=peak, load=args.load)
     for note in notes:
         print(f"# {note}")
     if args.quick:

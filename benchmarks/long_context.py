@@ -57,21 +57,27 @@ SHIPPED = {"passkey_model": ("MAC, trained to distance 64 (benchmarks/passkey.py
            "long_context_model": ("MAC, trained further to 1,024 then 4,096 (--finetune 400:1024 300:4096)", None),
            "long_context_lmm": ("LMM, recipe 'long', seed 0: the best recipe at 16,384", ("lmm-long", 0))}
 BASE = TitansConfig(dim=64, n_layers=2, heads=4, window=16, chunk_size=8)
-# (steps, longest distance, batch, learning rate) per stage; a length curriculum inside each stage.
-# "long" goes on where "base" stops, so a base model is trained further, not again.
-RECIPES = {"base": ((600, 64, 32, 3e-3), (400, 1024, 16, 1e-3)),
-           "long": ((600, 64, 32, 3e-3), (400, 1024, 16, 1e-3), (300, 4096, 16, 1e-3))}
+# (steps, longest distance, batch, learning rate, backprop) per stage; a length curriculum inside
+# each stage; backprop: gradients through a row's last tokens only (`training.passkey_loss`), None: all.
+# Each recipe goes on where the one before it stops, so a model is trained further, not again.
+RECIPES = {"base": ((600, 64, 32, 3e-3, None), (400, 1024, 16, 1e-3, None))}
+RECIPES["long"] = RECIPES["base"] + ((300, 4096, 16, 1e-3, None),)
+RECIPES["stream"] = RECIPES["long"] + ((150, 16384, 16, 1e-3, 1024),)
 
 
 def train(model: TitansLM, stages, seed: int, first: int = 0) -> float:
     """Train `model` stage by stage on the passkey task (distances 2..high, `training.train_passkey`,
     curriculum over the first half of each stage), from stage `first`; returns the seconds it took."""
     start = time.perf_counter()
-    for i, (steps, high, batch, lr) in list(enumerate(stages))[first:]:
+    for i, (steps, high, batch, lr, backprop) in list(enumerate(stages))[first:]:
         history = train_passkey(model, steps, distances=(2, high), seq_len=passkey_length(high) + 16,
-                                batch_size=batch, lr=lr, curriculum=0.5, seed=seed * 100 + i, progress=False)
-        print(f"  stage {i + 1}: {steps} steps on distances 2..{high}, last loss {history[-1]['loss']:.3f} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+                                batch_size=batch, lr=lr, curriculum=0.5, seed=seed * 100 + i, progress=False,
+                                backprop=backprop)
+        skipped = sum(h["skipped"] for h in history)
+        print(f"  stage {i + 1}: {steps} steps on distances 2..{high}"
+              + (f", gradients through the last {backprop} tokens" if backprop else "")
+              + f", last loss {history[-1]['loss']:.3f}" + (f", {skipped} steps skipped" if skipped else "")
+              + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     return time.perf_counter() - start
 
 
@@ -90,17 +96,21 @@ def run_name(variant: str, recipe: str) -> str:
 
 
 def train_run(variant: str, recipe: str, seed: int, runs: Path, n: int, distances) -> None:
-    """One (variant, recipe, seed) trained and evaluated, unless `runs` has it already. A "long"
-    run starts from the "base" model of the same seed when there is one (the same first stages)."""
+    """One (variant, recipe, seed) trained and evaluated, unless `runs` has it already. A run
+    starts from the model of the longest earlier recipe of the same seed in `runs`, if any
+    (the same first stages), and trains only the stages that recipe lacks."""
     name = run_name(variant, recipe)
     if (runs / f"{name}_{seed}.json").exists():
         return
-    base = runs / f"{variant}_{seed}.pt"
     torch.manual_seed(seed)
     model, first = TitansLM(BASE.replace(variant=variant)), 0
-    if recipe != "base" and base.exists():
-        model, first = load_checkpoint(base)[0].train(), len(RECIPES["base"])
-        print(f"{name} seed {seed}: from {base}", flush=True)
+    earlier = [r for r in RECIPES if len(RECIPES[r]) < len(RECIPES[recipe])]
+    for r in sorted(earlier, key=lambda r: -len(RECIPES[r])):
+        path = runs / f"{run_name(variant, r)}_{seed}.pt"
+        if path.exists():
+            model, first = load_checkpoint(path)[0].train(), len(RECIPES[r])
+            print(f"{name} seed {seed}: from {path}", flush=True)
+            break
     print(f"{name} seed {seed}: {model.num_parameters():,} parameters", flush=True)
     seconds = train(model, RECIPES[recipe], seed, first)
     save_checkpoint(model, runs / f"{name}_{seed}.pt", seed=seed)
@@ -179,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"train and evaluate these variants ({', '.join(VARIANTS)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--recipe", choices=RECIPES, default="base",
-                        help="base: distances to 64 then 1,024; long: then to 4,096 (from the base model if trained)")
+                        help="base: distances to 64 then 1,024; long: then to 4,096; stream: then to 16,384 with "
+                             "gradients through the last 1,024 tokens (each from the one before, if trained)")
     parser.add_argument("--runs", default="runs/long_context", help="folder of trained models and their records")
     parser.add_argument("--costs", action="store_true", help="time per token and peak memory (LMM, MAC, Transformer)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 2 with --quick, else 1)")
@@ -187,9 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES), help="needle distances")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(COST_CONTEXTS), help="contexts for --costs")
     parser.add_argument("--model", default=None, help="a checkpoint to start --finetune from")
-    parser.add_argument("--finetune", nargs="+", default=[], metavar="STEPS:DISTANCE",
-                        help="train --model further (batch 16, lr 1e-3), e.g. 400:1024 300:4096, and --save it")
-    parser.add_argument("--save", default=None)
+    parser.add_argument("--finetune", nargs="+", default=[], metavar="STEPS:DISTANCE[:BACKPROP]",
+                        help="train --model further (batch 16, lr 1e-3), e.g. 400:1024 300:4096 150:16384:1024, "
+                             "and --save it")
+    parser.add_argument("--save", default=None, help="where --finetune saves the model (its record beside it, .json)")
     parser.add_argument("--json", default=None, help="write every record, the costs and the gates here")
     parser.add_argument("--results", default=str(ASSETS / "long_context_results.json"),
                         help="--quick shows the trained models' records from this file")
@@ -200,9 +212,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.finetune:  # how the shipped long-context model was made from the shipped passkey model
         model, info = load_checkpoint(args.model or ASSETS / "passkey_model.pt")
-        stages = [(int(s), int(h), 16, 1e-3) for s, h in (stage.split(":") for stage in args.finetune)]
-        train(model, stages, seed=info.get("seed", 0))
-        save_checkpoint(model, args.save or "long_context_model.pt", **{**info, "finetune": " ".join(args.finetune)})
+        stages = []
+        for stage in args.finetune:
+            steps, high, *backprop = map(int, stage.split(":"))
+            stages.append((steps, high, 16, 1e-3, backprop[0] if backprop else None))
+        seed = info.get("seed", 0)
+        seconds = train(model, stages, seed=seed)
+        finetune = " ".join(filter(None, [info.get("finetune"), *args.finetune]))  # every stage since the passkey model
+        save = Path(args.save or "long_context_model.pt")
+        save_checkpoint(model, save, **{**info, "finetune": finetune})
+        # evaluated like a recipe's run; under --runs as <name>_<seed>.pt, the report reads it with the runs
+        name = save.stem.removesuffix(f"_{seed}")
+        record = {"name": name, "variant": model.config.variant, "seed": seed, "seconds": round(seconds),
+                  "prompts": args.prompts, "parameters": model.num_parameters(), "finetune": finetune,
+                  "accuracy": recall_table(model, args.distances, args.prompts, HAYSTACKS)}
+        save.with_suffix(".json").write_text(json.dumps(record, indent=1))
         return out
 
     n = 32 if args.quick else args.prompts

@@ -9,6 +9,7 @@ must be the summary. No assertion depends on how fast this machine is.
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,12 +96,15 @@ def test_sequential_memory_estimate_bounds_what_its_autograd_graph_holds(bench):
 
 
 # ------------------------------------------------------------ plan and summary
-def fake(bench, impl, steps, fwd=None, fwdbwd=None, peak=(None, None), seconds=(1.0, 1.0), dim=256, batch=4, chunk=64):
+def fake(bench, impl, steps, fwd=None, fwdbwd=None, peak=(None, None), seconds=(1.0, 1.0), dim=256, batch=4, chunk=64,
+         calls=None, start=(0.0, 0.0)):
     return bench.Result(
         bench.Config(impl, dim, batch, steps, chunk),
         tok_s={"fwd": fwd, "fwdbwd": fwdbwd},
         peak_mb={"fwd": peak[0], "fwdbwd": peak[1]},
+        start_mb={"fwd": start[0], "fwdbwd": start[1]},
         seconds={"fwd": seconds[0], "fwdbwd": seconds[1]},
+        calls=calls or {},
     )
 
 
@@ -111,16 +115,29 @@ def test_summary_carries_the_per_token_speed_over_from_a_shorter_sequence_and_sa
     theirs = fake(bench, "titans-pytorch", 64, fwdbwd=150.0, peak=(None, 80.0), dim=8, batch=1, chunk=4)
     minibatch = fake(bench, "titans-pytorch-minibatch", 64, fwdbwd=15.0, peak=(None, 800.0), dim=8, batch=1, chunk=4)
     line, notes = bench.summary([ours, loop, longer, theirs, minibatch], dim=8, batch=1, steps=64, chunk=4)
-    assert line == "summary speedup_vs_per_token=9.00 speedup_vs_titans_pytorch=2.00 memory_ratio_vs_titans_pytorch=0.25"
+    assert line == ("summary speedup_vs_per_token=9.00 speedup_vs_titans_pytorch=2.00 memory_ratio_vs_titans_pytorch=0.25 "
+                    "fwdbwd_peak_share=na fwdbwd_system_over_user=na load=off")
     assert len(notes) == 1 and "ESTIMATED" in notes[0] and "T=16" in notes[0]
 
 
 def test_summary_measured_at_the_same_length_needs_no_note_and_missing_figures_are_na(bench):
     ours = fake(bench, "chunked", 64, fwd=900.0, fwdbwd=300.0, peak=(10.0, 20.0))
     loop = fake(bench, "per_token", 64, fwd=300.0, peak=(5.0, None))
-    line, notes = bench.summary([ours, loop], dim=256, batch=4, steps=64, chunk=64)
-    assert line == "summary speedup_vs_per_token=3.00 speedup_vs_titans_pytorch=na memory_ratio_vs_titans_pytorch=na"
+    line, notes = bench.summary([ours, loop], dim=256, batch=4, steps=64, chunk=64, load=True)
+    assert line == ("summary speedup_vs_per_token=3.00 speedup_vs_titans_pytorch=na memory_ratio_vs_titans_pytorch=na "
+                    "fwdbwd_peak_share=na fwdbwd_system_over_user=na load=on")
     assert notes == [] and bench.SUMMARY_LINE.match(line)
+
+
+def test_summary_share_of_the_matmul_peak_and_system_time_come_from_the_training_pass(bench):
+    """fwd+bwd counted as 3 forwards: at a peak of exactly that rate the share is 1; system time
+    over user time is summed over the calls, not averaged per call."""
+    calls = [{"wall": 1.0, "user": 2.0, "sys": 0.2}, {"wall": 1.0, "user": 1.0, "sys": 0.4}]
+    ours = fake(bench, "chunked", 64, fwd=900.0, fwdbwd=300.0, peak=(10.0, 20.0), calls={"fwdbwd": calls})
+    rate = 3 * bench.chunked_forward_flops(256, 4, 64, 64) / (4 * 64) * 300.0 / 1e9
+    line, _ = bench.summary([ours], dim=256, batch=4, steps=64, chunk=64, peak_gflops=2 * rate)
+    match = bench.SUMMARY_LINE.match(line)
+    assert match["share"] == "0.50" and match["system"] == "0.20" and match["per_token"] == "na"
 
 
 @pytest.mark.parametrize("have_titans", [False, True])
@@ -134,6 +151,29 @@ def test_the_quick_plan_measures_exactly_what_the_summary_needs(bench, have_tita
     per_token = [c for c, _ in jobs if c.impl == "per_token"]
     assert [c.steps for c in per_token] == [bench.QUICK_PER_TOKEN_STEPS] and len(notes) == 1
     assert {c.impl for c, _ in jobs} <= set(bench.IMPLS)
+
+
+def test_the_memory_sweep_plans_forward_backward_at_every_length_and_fits_the_growth(bench):
+    jobs = bench.plan(quick=False, have_titans=True, sweep=True)
+    assert [(c.impl, c.steps) for c, _ in jobs] == [(i, t) for i in ("chunked", "titans-pytorch") for t in bench.SWEEP_STEPS]
+    assert all(passes == ("fwdbwd",) and (c.dim, c.batch) == (256, 4) for c, passes in jobs)
+    # peak = start + 3 sqrt(T): the fit must see the sqrt through the constant start
+    results = [fake(bench, "chunked", t, fwdbwd=1.0, peak=(None, 250.0 + 3 * t**0.5), start=(None, 250.0)) for t in bench.SWEEP_STEPS]
+    assert bench.growth_exponent(results) == pytest.approx(0.5)
+
+
+def test_load_is_a_cpu_bound_process_and_it_is_stopped(bench):
+    load = bench.start_load()
+    try:
+        time.sleep(1.0)
+        stat = Path(f"/proc/{load.pid}/stat")
+        ticks = stat.read_text().split()[13:15] if stat.exists() else None  # user and system CPU, 1/100 s
+        assert load.poll() is None  # still running
+        if ticks is not None:  # Linux: it has been computing most of that second, not sleeping
+            assert sum(map(int, ticks)) > 30
+    finally:
+        load.kill()
+        load.wait()
 
 
 def test_the_full_plan_covers_the_sweep_with_every_implementation(bench):
@@ -182,6 +222,8 @@ def test_a_tiny_quick_run_ends_with_the_summary_line(bench, monkeypatch, capsys)
     assert 10 < float(measured[0]["peak_fwdbwd"]) < 4000  # a fresh process's RSS: torch imported, nothing more
     text = "\n".join(lines)
     assert "ESTIMATED" in text and "MALLOC_MMAP_THRESHOLD_=131072" in text and "% of the matmul peak" in text
+    assert "fwdbwd: 2 calls" in lines[next(i for i, line in enumerate(lines) if line.startswith("impl=chunked"))]
+    assert match["share"] != "na" and match["system"] != "na" and match["load"] == "off"
 
 
 def test_it_runs_as_a_module_from_the_repo_root():

@@ -93,3 +93,41 @@ def test_lengths_that_are_not_multiples_of_the_chunk_work():
     torch.testing.assert_close(y_chunk, y_loop)
     short, state = memory(x[:, :3])  # shorter than one chunk: still read and kept
     assert state.pending == 3 and torch.isfinite(short).all()
+
+
+def grads_of(checkpoint_chunks, inputs, chunk_size):
+    leaves = [t.detach().requires_grad_() for t in (*inputs[0], *inputs[1], *inputs[2:])]
+    depth = len(inputs[0])
+    y, weights, momentum = chunked_memory(tuple(leaves[:depth]), tuple(leaves[depth : 2 * depth]), *leaves[2 * depth :],
+                                          chunk_size=chunk_size, checkpoint_chunks=checkpoint_chunks)
+    loss = y.pow(2).sum() + sum(w.sin().sum() for w in weights) + sum(s.cos().sum() for s in momentum)
+    return y, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("steps", [37, 40, 3])  # 10 chunks in groups of 4, the last incomplete; all full; one chunk
+def test_checkpointed_groups_give_the_same_outputs_and_gradients(steps):
+    """Every input's gradient, through the outputs and the final state, with and without recomputation."""
+    *inputs, theta, eta, alpha = random_inputs(2, steps)
+    inputs = (*inputs, 0.2 * theta, eta, alpha)  # small steps: 40 random tokens would diverge at 0.3
+    (y, plain), (y_ckpt, recomputed) = grads_of(False, inputs, 4), grads_of(True, inputs, 4)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y_ckpt, y)
+    for got, want in zip(recomputed, plain):
+        torch.testing.assert_close(got, want)
+
+
+def test_what_the_checkpointed_forward_keeps_grows_like_the_square_root_of_the_length():
+    """Bytes left alive for backward by chunked_memory itself: 4x the chunks keeps about 2x the
+    bytes with checkpointing (group starts, sqrt(n) of them, dominate), about 4x without."""
+    from test_bench import LiveBytes  # counts the storages an op creates that are still alive
+
+    def held(checkpoint_chunks, n_chunks):
+        weights, momentum, *rest = random_inputs(2, 2 * n_chunks, dim=16, hidden=64, batch=1)
+        rest = [t.requires_grad_() for t in rest]
+        with LiveBytes() as tracker:
+            out = chunked_memory(weights, momentum, *rest, chunk_size=2, checkpoint_chunks=checkpoint_chunks)
+        return tracker.live() - out[0].nbytes - sum(t.nbytes for t in (*out[1], *out[2]))
+
+    with_checkpoints = held(True, 256) / held(True, 64)
+    without = held(False, 256) / held(False, 64)
+    assert 1.6 < with_checkpoints < 2.5 and 3.5 < without < 4.5, (with_checkpoints, without)

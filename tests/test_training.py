@@ -11,7 +11,8 @@ import torch
 from titans_mini.checkpoint import load_checkpoint
 from titans_mini.config import TitansConfig
 from titans_mini.models import TitansLM
-from titans_mini.recall.training import curriculum_distance, train_passkey
+from titans_mini.recall.tasks import passkey_batch
+from titans_mini.recall.training import curriculum_distance, passkey_loss, train_passkey
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,7 @@ def test_no_curriculum_draws_the_whole_range_from_the_start():
     ({"distances": (8, 4)}, "distances"),
     ({"seq_len": 10}, "seq_len"),
     ({"steps": 0}, "steps"),
+    ({"backprop": 1}, "backprop"),
 ])
 def test_train_passkey_refuses_bad_arguments(kwargs, match):
     model = TitansLM(TitansConfig(variant="swa", dim=16, n_layers=1, heads=2, window=8))
@@ -84,3 +86,40 @@ def test_train_passkey_runs_any_number_of_steps(steps):
     model = TitansLM(TitansConfig(variant="lmm", dim=16, n_layers=1, heads=2, window=8, chunk_size=4))
     history = train_passkey(model, steps, distances=(2, 6), seq_len=12, batch_size=4, progress=False)
     assert len(history) == steps and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+
+@pytest.mark.parametrize("variant", ["lmm", "mac", "mag", "mal"])
+def test_truncated_backprop_has_the_full_rows_loss_and_the_gradient_of_a_state_cut_at_the_same_place(variant):
+    """backprop=b: the same loss as one pass over the row (the prefix streamed in pieces), and the
+    gradient of a pass whose state is detached b tokens before the end; a true cut, not the full gradient."""
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig(variant=variant, dim=16, n_layers=2, heads=2, window=8, chunk_size=4))
+    batch = passkey_batch(3, 2100, seq_len=2110, generator=torch.Generator().manual_seed(0))
+    ids, cut = batch["input_ids"], 2110 - 30  # a prefix of 2,080 tokens: three pieces of `stream`
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    truncated = passkey_loss(model, batch, backprop=30)[0]
+    got = gradients(truncated)
+    _, state = model(ids[:, :cut])
+    logits, _ = model(ids[:, cut:], state.detach())
+    cut_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"][:, cut:].flatten())
+    want = gradients(cut_loss)
+    full = gradients(passkey_loss(model, batch)[0])
+    torch.testing.assert_close(truncated, passkey_loss(model, batch)[0], rtol=1e-5, atol=1e-6)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert len(full) > len(got) or any(not torch.allclose(full[n], got[n], atol=1e-6) for n in got)
+
+
+def test_truncated_backprop_refuses_a_cut_that_leaves_an_answer_behind():
+    model = TitansLM(TitansConfig(variant="lmm", dim=16, n_layers=1, heads=2, window=8, chunk_size=4))
+    batch = passkey_batch(2, 20, seq_len=60, generator=torch.Generator().manual_seed(0))
+    batch["targets"][:, 5] = 7  # an answer early in the row
+    with pytest.raises(ValueError, match="backprop"):
+        passkey_loss(model, batch, backprop=16)
+

@@ -28,11 +28,12 @@ Two facts make the chunk cheap.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .memory import Weights
 from .scan import linear_scan
@@ -159,32 +160,85 @@ def chunked_memory(
     chunk-start weights and tokens <= t of its chunk only: it never sees a later token.
     A last, incomplete chunk is read but not written; its start weights are returned.
 
-    When gradients are recorded and `checkpoint_chunks` is on, each chunk is
-    checkpointed: backward keeps only every chunk's start weights and recomputes the
-    chunk's activations, so the activations held for backward grow with the chunk size,
-    not the sequence length. Off, backward is faster and holds every chunk's activations
-    (fine for the short sequences of the small language models).
+    When gradients are recorded and `checkpoint_chunks` is on, the chunks are checkpointed
+    in groups of about sqrt(n) of the n chunks (`RecomputedGroup`): backward keeps only each
+    group's start weights and momentum, and recomputes one group at a time (its chunks'
+    states and activations), so what is held for backward grows like sqrt(T) (n / g group
+    starts plus the g chunks of the group being recomputed, least at g = sqrt(n)), for one
+    extra forward pass, as with one checkpoint per chunk. Off, backward is faster and holds
+    every chunk's activations (fine for the short sequences of the small language models).
     """
     batch, steps, _ = k.shape
     size = chunk_size
     n_chunks = -(-steps // size)
     pad = n_chunks * size - steps
     tokens = [F.pad(t, (0, 0, 0, pad)) for t in (q, k, v)]
-    q, k, v = (rearrange(t, "b (n c) d -> b n c d", c=size).unbind(1) for t in tokens)
+    q, k, v = (rearrange(t, "b (n c) d -> b n c d", c=size) for t in tokens)
     gates = [rearrange(F.pad(g, (0, pad)), "b (n c) -> b n c", c=size) for g in (theta, eta, alpha)]
-    # per chunk: scalars shaped (B, 1, 1), token coefficients (B, b, 1), read_u (B, b, b)
-    coefs = {
-        name: [c.reshape(batch, -1, 1) if name != "read_u" else c for c in value.unbind(1)]
-        for name, value in chunk_coefficients(*gates).items()
-    }
-
+    coefs = chunk_coefficients(*gates)  # name -> (B, n, ...)
+    checkpointed = checkpoint_chunks and torch.is_grad_enabled()
+    group = math.isqrt(n_chunks - 1) + 1 if checkpointed else n_chunks  # ceil(sqrt(n)) chunks a group
     ys = []
-    for c in range(n_chunks):
-        args = (weights, momentum, q[c], k[c], v[c], {name: value[c] for name, value in coefs.items()})
-        write = not (c == n_chunks - 1 and pad)  # an incomplete chunk's tokens wait in the state
-        if checkpoint_chunks and torch.is_grad_enabled():
-            y, weights, momentum = checkpoint(chunk_step, *args, write, use_reentrant=False)
-        else:
-            y, weights, momentum = chunk_step(*args, write)
+    for start in range(0, n_chunks, group):
+        end = min(start + group, n_chunks)
+        # a last, incomplete chunk's tokens wait in the state: read, not written
+        layout = (len(weights), tuple(coefs), not (end == n_chunks and pad))
+        parts = [t[:, start:end] for t in (q, k, v, *coefs.values())]
+        run = RecomputedGroup.apply if checkpointed else chunk_group
+        y, *state = run(layout, *weights, *momentum, *parts)
+        weights, momentum = tuple(state[: len(weights)]), tuple(state[len(weights) :])
         ys.append(y)
     return torch.cat(ys, dim=1)[:, :steps], weights, momentum
+
+
+def chunk_group(layout: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """`chunk_step` over consecutive chunks, the state passed on: one unit of checkpointing.
+
+    layout: (memory depth L, the coefficients' names, whether the last chunk is written);
+    tensors: L weights, L momenta, then q, k, v (B, g, b, d) and the coefficients (B, g, ...)
+    of the g chunks. Returns y (B, g b, d), then the L new weights and L new momenta.
+    """
+    depth, names, write_last = layout
+    weights, momentum = tensors[:depth], tensors[depth : 2 * depth]
+    q, k, v, *values = tensors[2 * depth :]
+    ys = []
+    for i in range(q.shape[1]):
+        # per chunk: scalars shaped (B, 1, 1), token coefficients (B, b, 1), read_u (B, b, b)
+        coef = {name: value[:, i] if name == "read_u" else value[:, i].reshape(q.shape[0], -1, 1)
+                for name, value in zip(names, values)}
+        write = write_last or i < q.shape[1] - 1
+        y, weights, momentum = chunk_step(weights, momentum, q[:, i], k[:, i], v[:, i], coef, write)
+        ys.append(y)
+    return torch.cat(ys, dim=1), *weights, *momentum
+
+
+class RecomputedGroup(torch.autograd.Function):
+    """Checkpointing of one `chunk_group`: its forward records no graph and keeps only its
+    inputs (the group's start weights and momentum, and views of q, k, v and the gates'
+    coefficients); backward runs it again with a graph and differentiates that.
+
+    Why not `torch.utils.checkpoint`: its non-reentrant form records the whole graph in
+    forward and drops only the saved tensors. The graph's many small allocations then sit
+    between the freed weight-sized tensors in glibc's heap, which can no longer serve the
+    next weight-sized tensor from them: at T 4096 the heap grew by the new state at every
+    chunk (1.3 GB of heap for 0.37 GB of live tensors after the forward, glibc 2.36).
+    Without a graph in forward it stays flat. The reentrant form does this too, but it
+    needs every input as a positional tensor and does not support `torch.autograd.grad`.
+    """
+
+    @staticmethod
+    def forward(ctx, layout: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.layout = layout
+        ctx.save_for_backward(*tensors)
+        return chunk_group(layout, *tensors)  # autograd is off inside a Function's forward
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[1:]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+        with torch.enable_grad():
+            outputs = chunk_group(ctx.layout, *inputs)
+        pairs = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad]
+        wanted = [t for t in inputs if t.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        return None, *(next(got) if need else None for need in needs)

@@ -5,7 +5,7 @@ laptop (the activations grow with the length), but a `TitansLM` carries a state 
 size: we feed each prompt in pieces of `piece` tokens, passing the state on, and read the
 answer at the end. The model guarantees that this equals one pass over the whole prompt.
 
-    stream(model, ids)                 feed a long input in pieces, the state passed on
+    stream(model, ids)                 feed a long input in pieces, the state passed on (from `training`)
     streamed_recall(model, distance)   greedy recall accuracy with the needle `distance` back
     gate_trace(model, ids)             theta_t, eta_t, alpha_t (and the surprise) of every memory layer, per token
     surprise_trace(memory, x)          ||grad of eq 12|| at every token: what the memory found surprising
@@ -29,17 +29,7 @@ from ..checks import check_int
 from ..memory import surprise
 from ..neural_memory import NeuralMemory
 from .tasks import passkey_prompts
-from .training import pairs_at
-
-
-@torch.no_grad()
-def stream(model: nn.Module, ids: Tensor, piece: int = 1024) -> tuple[Tensor, object]:
-    """Feed `ids` (B, T) to `model` in pieces of `piece` tokens, the state passed on: the last
-    piece's logits and the final state (the same as one pass over all of `ids`)."""
-    state = None
-    for part in ids.split(piece, dim=1):
-        logits, state = model(part, state)
-    return logits, state
+from .training import pairs_at, stream
 
 
 @torch.no_grad()
