@@ -321,8 +321,8 @@ def format_line(result: Result) -> str:
     notes = [f"{which}: NON-FINITE outputs" for which, ok in result.finite.items() if not ok]
     for which, calls in result.calls.items():  # the spread of the calls and where their CPU time went
         walls = [call["wall"] for call in calls]
-        notes.append(f"{which}: {len(calls)} calls {min(walls):.2f}-{max(walls):.2f} s, "
-                     f"system/user CPU {system_share(calls):.2f}")
+        spread = f"{len(calls)} calls {min(walls):.2f}-{max(walls):.2f} s" if len(calls) > 1 else f"1 call {walls[0]:.2f} s"
+        notes.append(f"{which}: {spread}, system/user CPU {system_share(calls):.2f}")
     notes += [result.note] if result.note else []
     return line + (f"  # {'; '.join(notes)}" if notes else "")
 
@@ -448,9 +448,13 @@ def plot_memory(results: list[Result], path: Path) -> None:
         mine = [r for r in results if r.config.impl == impl]
         label = f"{impl} (above its start ~ T^{growth_exponent(mine):.2f})" if len(mine) > 1 else impl
         ax.plot([r.config.steps for r in mine], [r.peak_mb["fwdbwd"] / 1024 for r in mine], "o-", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="sequence length T (tokens)", ylabel="peak memory (GB)",
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T (tokens)", ylabel="peak memory (GB, log scale)",
            title="forward + backward, dim 256, batch 4, chunk 64")
     ax.set_xticks(SWEEP_STEPS, [f"{t // 1024}k" for t in SWEEP_STEPS])
+    low, high = ax.get_ylim()
+    ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64) if low <= t <= high]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -10,9 +10,12 @@
 Models (window 16, 2 layers, 145-195 k parameters): the five of `benchmarks/passkey.py` (MAC,
 MAG, MAL, the memory alone LMM, sliding-window attention SWA) and a Transformer with full causal
 attention, all trained by the same recipe ("base"): distances 2..64, then 2..1,024 (a length
-curriculum); "long" adds a stage on distances up to 4,096. Each trained model and its record
-are kept under --runs; a run already there is not trained again, so a long experiment can be
-split across sessions.
+curriculum); "long" adds a stage on distances up to 4,096; "stream" one more on distances up to
+16,384, where each row's first tokens are streamed without gradients and only its last 1,024
+get them (truncated backpropagation, `training.passkey_loss`): a 16k-token row costs a forward
+over 16k tokens and a backward over 1k. Each recipe starts from the model of the one before it
+when --runs has it. Each trained model and its record are kept under --runs; a run already
+there is not trained again, so a long experiment can be split across sessions.
 
 Each prompt is streamed in pieces of 1,024 tokens with the state passed on, at needle
 distances from 64 to 16,384 tokens (1,024x the window), in two haystacks
@@ -22,9 +25,9 @@ Greedy recall, chance 1/64.
 
 --quick evaluates the models shipped in `titans_mini/assets` (the MAC passkey model trained to
 distance 64, the same trained further to 1,024 then 4,096 with --finetune, and the best model of
-the recipes, an LMM trained to 4,096) on the filler haystack, 32 prompts a distance, and shows
+the recipes, an LMM trained to 16,384) on the filler haystack, 32 prompts a distance, and shows
 the trained models' records from the shipped results (--results); a shipped model that is a copy
-of a run (the LMM is lmm-long seed 0) replaces that run's record at the distances measured live. Without
+of a run (the LMM is lmm-stream seed 0) replaces that run's record at the distances measured live. Without
 --quick: 64 prompts a distance (--prompts), both haystacks.
 
 The last line is `summary niah_best_16k=<accuracy> variant=<name> swa_16k=<accuracy>
@@ -55,7 +58,7 @@ COST_CONTEXTS = (1024, 4096, 16384, 65536)
 # shipped file -> (what it is, the run it is a copy of, if any: its records go by the run's name and seed)
 SHIPPED = {"passkey_model": ("MAC, trained to distance 64 (benchmarks/passkey.py)", None),
            "long_context_model": ("MAC, trained further to 1,024 then 4,096 (--finetune 400:1024 300:4096)", None),
-           "long_context_lmm": ("LMM, recipe 'long', seed 0: the best recipe at 16,384", ("lmm-long", 0))}
+           "long_context_lmm": ("LMM, recipe 'stream', seed 0: the best recipe at 16,384", ("lmm-stream", 0))}
 BASE = TitansConfig(dim=64, n_layers=2, heads=4, window=16, chunk_size=8)
 # (steps, longest distance, batch, learning rate, backprop) per stage; a length curriculum inside
 # each stage; backprop: gradients through a row's last tokens only (`training.passkey_loss`), None: all.
@@ -270,10 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.costs:
         print("\ncost of one new token after a context (streamed, one prompt; median of 5 blocks of 16 tokens)")
-        models = {"mac": shipped["long_context_model"]}
-        for variant in ("lmm", "transformer"):
-            path = next(iter(sorted(runs.glob(f"{variant}_*.pt"))), None)
-            models[variant] = load_checkpoint(path)[0] if path else TitansLM(BASE.replace(variant=variant)).eval()
+        # the cost depends on the shapes only: a Transformer of the recipes' size, trained if --runs has one
+        path = next(iter(sorted(runs.glob("transformer_*.pt"))), None)
+        models = {"mac": shipped["long_context_model"], "lmm": shipped["long_context_lmm"],
+                  "transformer": load_checkpoint(path)[0] if path else TitansLM(BASE.replace(variant="transformer")).eval()}
         for name, model in models.items():
             out["costs"][name] = {c: cost(model, c) for c in args.contexts}
             for c, figures in out["costs"][name].items():
