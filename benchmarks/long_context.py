@@ -24,8 +24,9 @@ distances from 64 to 16,384 tokens (1,024x the window), in two haystacks
 Greedy recall, chance 1/64.
 
 --quick evaluates the models shipped in `titans_mini/assets` (the MAC passkey model trained to
-distance 64, the same trained further to 1,024 then 4,096 with --finetune, and the best model of
-the recipes, an LMM trained to 16,384) on the filler haystack, 32 prompts a distance, and shows
+distance 64, the same trained further to 1,024 then 4,096 with --finetune, both up to distance
+2,048, and the best model of the recipes, an LMM trained to 16,384, at every distance) on the
+filler haystack, 32 prompts a distance, and shows
 the trained models' records from the shipped results (--results); a shipped model that is a copy
 of a run (the LMM is lmm-stream seed 0) replaces that run's record at the distances measured live. Without
 --quick: 64 prompts a distance (--prompts), both haystacks.
@@ -55,6 +56,7 @@ from titans_mini.recall.training import train_passkey
 DISTANCES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 HAYSTACKS = {"filler": 0, "noise": 8}  # haystack -> distractor pairs
 COST_CONTEXTS = (1024, 4096, 16384, 65536)
+QUICK_REACH = 2048  # --quick measures the shipped MAC models live up to this distance (the time limit)
 # shipped file -> (what it is, the run it is a copy of, if any: its records go by the run's name and seed)
 SHIPPED = {"passkey_model": ("MAC, trained to distance 64 (benchmarks/passkey.py)", None),
            "long_context_model": ("MAC, trained further to 1,024 then 4,096 (--finetune 400:1024 300:4096)", None),
@@ -94,22 +96,24 @@ def recall_table(model: TitansLM, distances, n: int, haystacks) -> dict[str, dic
     return table
 
 
-def run_name(variant: str, recipe: str) -> str:
-    return variant if recipe == "base" else f"{variant}-{recipe}"
+def run_name(variant: str, recipe: str, averaged: bool = False) -> str:
+    """e.g. "lmm", "mal-long", "lmm-avg-stream" (averaged: `TitansConfig.averaged_momentum`)."""
+    return variant + ("-avg" if averaged else "") + ("" if recipe == "base" else f"-{recipe}")
 
 
-def train_run(variant: str, recipe: str, seed: int, runs: Path, n: int, distances) -> None:
+def train_run(variant: str, recipe: str, seed: int, runs: Path, n: int, distances, averaged: bool = False) -> None:
     """One (variant, recipe, seed) trained and evaluated, unless `runs` has it already. A run
     starts from the model of the longest earlier recipe of the same seed in `runs`, if any
-    (the same first stages), and trains only the stages that recipe lacks."""
-    name = run_name(variant, recipe)
+    (the same first stages), and trains only the stages that recipe lacks. `averaged`: the
+    memory's momentum averaged (`NeuralMemory`'s averaged_momentum), runs named "-avg"."""
+    name = run_name(variant, recipe, averaged)
     if (runs / f"{name}_{seed}.json").exists():
         return
     torch.manual_seed(seed)
-    model, first = TitansLM(BASE.replace(variant=variant)), 0
+    model, first = TitansLM(BASE.replace(variant=variant, averaged_momentum=averaged)), 0
     earlier = [r for r in RECIPES if len(RECIPES[r]) < len(RECIPES[recipe])]
     for r in sorted(earlier, key=lambda r: -len(RECIPES[r])):
-        path = runs / f"{run_name(variant, r)}_{seed}.pt"
+        path = runs / f"{run_name(variant, r, averaged)}_{seed}.pt"
         if path.exists():
             model, first = load_checkpoint(path)[0].train(), len(RECIPES[r])
             print(f"{name} seed {seed}: from {path}", flush=True)
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", choices=RECIPES, default="base",
                         help="base: distances to 64 then 1,024; long: then to 4,096; stream: then to 16,384 with "
                              "gradients through the last 1,024 tokens (each from the one before, if trained)")
+    parser.add_argument("--averaged-momentum", action="store_true",
+                        help="--train with the memory's momentum averaged (NeuralMemory's averaged_momentum)")
     parser.add_argument("--runs", default="runs/long_context", help="folder of trained models and their records")
     parser.add_argument("--costs", action="store_true", help="time per token and peak memory (LMM, MAC, Transformer)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 2 with --quick, else 1)")
@@ -240,9 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
         # a training job only trains; the report measures a shipped copy of a run with the runs
         if args.train or (run and not args.quick):
             continue
+        # --quick: the MAC models live to QUICK_REACH only (the rest as saved), the best model everywhere
+        distances = [d for d in args.distances if not (args.quick and not run and d > QUICK_REACH)]
         print(f"{name} ({label}): {n} prompts a distance, chance 1/64 = 0.016", flush=True)
         haystacks = ["filler"] if args.quick else list(HAYSTACKS)
-        accuracy = recall_table(model, args.distances, n, haystacks)
+        accuracy = recall_table(model, distances, n, haystacks)
         record_name, seed = run or (name, 0)
         out["records"].append({"name": record_name, "variant": model.config.variant, "seed": seed, "prompts": n,
                                "accuracy": accuracy})
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs.mkdir(parents=True, exist_ok=True)
         for variant in args.train:
             for seed in args.seeds:
-                train_run(variant, args.recipe, seed, runs, n, args.distances)
+                train_run(variant, args.recipe, seed, runs, n, args.distances, args.averaged_momentum)
         out["records"] += [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
     for haystack in HAYSTACKS:
         if any(haystack in r["accuracy"] for r in out["records"]):

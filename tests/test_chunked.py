@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from titans_mini import NeuralMemory
-from titans_mini.chunked import chunked_memory, memory_activations, token_deltas, transfer_matrix
+from titans_mini.chunked import StateWrite, chunked_memory, memory_activations, token_deltas, transfer_matrix
 from titans_mini.memory import associative_loss, sequential_memory
 
 
@@ -95,6 +95,21 @@ def test_lengths_that_are_not_multiples_of_the_chunk_work():
     assert state.pending == 3 and torch.isfinite(short).all()
 
 
+def test_the_state_write_has_the_gradient_of_its_formula():
+    """StateWrite's hand-written backward, every input, against finite differences (gradcheck)
+    and its forward against the same formula written with tensor ops."""
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    batch, b, i, o = 2, 3, 4, 5
+    args = (rand(batch, i, o), rand(batch, i, o), rand(batch, b, i), rand(batch, b, o),
+            rand(batch, 1, 1), rand(batch, 1, 1), rand(batch, b, 1), rand(batch, 1, 1), rand(batch, b, 1))
+    w, s, a, d, c_w, c_m, c_u, c_s, c_su = args
+    new_w, new_s = StateWrite.apply(*args)
+    torch.testing.assert_close(new_w, c_w * w + c_m * s + a.mT @ (c_u * d))
+    torch.testing.assert_close(new_s, c_s * s + a.mT @ (c_su * d))
+    assert torch.autograd.gradcheck(StateWrite.apply, args)
+
+
 def grads_of(checkpoint_chunks, inputs, chunk_size):
     leaves = [t.detach().requires_grad_() for t in (*inputs[0], *inputs[1], *inputs[2:])]
     depth = len(inputs[0])
@@ -122,7 +137,7 @@ def test_what_the_checkpointed_forward_keeps_grows_like_the_square_root_of_the_l
     from test_bench import LiveBytes  # counts the storages an op creates that are still alive
 
     def held(checkpoint_chunks, n_chunks):
-        weights, momentum, *rest = random_inputs(2, 2 * n_chunks, dim=16, hidden=64, batch=1)
+        weights, momentum, *rest = random_inputs(2, 2 * n_chunks, dim=16, hidden=256, batch=1)  # a state large beside a token, as in use
         rest = [t.requires_grad_() for t in rest]
         with LiveBytes() as tracker:
             out = chunked_memory(weights, momentum, *rest, chunk_size=2, checkpoint_chunks=checkpoint_chunks)

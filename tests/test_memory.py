@@ -210,3 +210,21 @@ def test_theta_max_above_the_stability_bound_warns_and_does_diverge():
         with torch.no_grad():
             norms[theta_max] = memory(x.contiguous())[0][0, -1].norm().item()
     assert norms[0.9 / 8] < 10 and not norms[1.5 / 8] < 1e6, norms
+
+
+def test_averaged_momentum_keeps_the_inner_loop_bounded_where_plain_momentum_overflows():
+    """Gates at their caps (theta_max, eta_max 0.9, no forgetting) on one repeated token: the
+    momentum multiplies the step by 1 / (1 - eta) = 10 and the deep memory's weights overflow; with
+    averaged_momentum, theta_t = (1 - eta_t) theta_hat_t, the same gates stay bounded."""
+    x = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(0)).expand(1, 2048, 16).contiguous()
+    outputs = {}
+    for averaged in (False, True):
+        torch.manual_seed(0)
+        memory = NeuralMemory(16, depth=2, chunk_size=8, averaged_momentum=averaged)
+        with torch.no_grad():
+            memory.to_gates.bias.copy_(torch.tensor([20.0, 20.0, -20.0]))  # sigmoid 1, 1, 0
+            theta, eta, _ = memory.gates(x)
+            outputs[averaged] = max(w.abs().max().item() for w in memory(x)[1].weights)
+        expected = memory.theta_max * (1 - eta) if averaged else torch.full_like(theta, memory.theta_max)
+        torch.testing.assert_close(theta, expected)
+    assert not outputs[False] < 1e6 and outputs[True] < 10, outputs  # the largest memory weight (NaN: overflowed)

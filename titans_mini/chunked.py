@@ -29,6 +29,7 @@ Two facts make the chunk cheap.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -128,17 +129,68 @@ def chunk_step(
     if not write:
         return x, weights, momentum
 
-    # write: the chunk's update as weighted sums of rank-one gradients (eq 16-18)
-    # (in place on fresh tensors: one weight-sized allocation per matrix, not three)
-    new_weights = tuple(
-        (coef["end_weights"] * w).addcmul_(coef["end_momentum"], s).baddbmm_(a.mT, coef["end_u"] * d)
-        for w, s, a, d in zip(weights, momentum, inputs, deltas)
-    )
-    new_momentum = tuple(
-        (coef["momentum_momentum"] * s).baddbmm_(a.mT, coef["momentum_u"] * d)
-        for s, a, d in zip(momentum, inputs, deltas)
-    )
-    return x, new_weights, new_momentum
+    # write: the chunk's update as weighted sums of rank-one gradients (eq 16-18); without a
+    # graph to record, into the state's own storage (`chunk_group` hands each group a copy)
+    names = ("end_weights", "end_momentum", "end_u", "momentum_momentum", "momentum_u")
+    write_layer = StateWrite.apply if torch.is_grad_enabled() else partial(state_write, in_place=True)
+    states = [write_layer(w, s, a, d, *(coef[name] for name in names))
+              for w, s, a, d in zip(weights, momentum, inputs, deltas)]
+    return x, tuple(w for w, _ in states), tuple(s for _, s in states)
+
+
+def state_write(w, s, a, delta, c_w, c_m, c_u, c_s, c_su, in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """One layer's state at a chunk's end (eq 16-18 unrolled, see the module docstring):
+
+        W' = c_w W + c_m S + A^T (c_u * Delta),    S' = c_s S + A^T (c_su * Delta)
+
+    W, S: (B, i, o) weights and momentum at the chunk start; A (B, b, i) the layer's inputs
+    and Delta (B, b, o) its deltas; c_w, c_m, c_s (B, 1, 1) and c_u, c_su (B, b, 1).
+    `in_place`: W' and S' overwrite W and S (no gradient can flow through them then).
+    Otherwise one fresh weight-sized tensor each, the rest in place on it.
+    """
+    new_w = w.mul_(c_w) if in_place else c_w * w
+    new_w.addcmul_(c_m, s).baddbmm_(a.mT, c_u * delta)  # W' before S' overwrites S
+    new_s = s.mul_(c_s) if in_place else c_s * s
+    return new_w, new_s.baddbmm_(a.mT, c_su * delta)
+
+
+class StateWrite(torch.autograd.Function):
+    """`state_write` with a hand-written backward.
+
+    Autograd's backward of the formula would make about five weight-sized temporaries per
+    matrix (a scalar times a matrix has a matrix-sized gradient, and each scalar's gradient
+    <g, W> is a product, then summed). Weight-sized tensors are a chunk's largest (b rows
+    against i x o entries), and each fresh one costs page faults and cache misses. Here the
+    scalars' gradients are dot products, and the only weight-sized results are the two
+    gradients that flow back to W and S. Tested by gradcheck.
+    """
+
+    @staticmethod
+    def forward(ctx, w, s, a, delta, c_w, c_m, c_u, c_s, c_su):
+        ctx.save_for_backward(w, s, a, delta, c_w, c_m, c_u, c_s, c_su)
+        return state_write(w, s, a, delta, c_w, c_m, c_u, c_s, c_su)
+
+    @staticmethod
+    def backward(ctx, g_w, g_s):
+        w, s, a, delta, c_w, c_m, c_u, c_s, c_su = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+
+        def dot(x, y):  # <x, y> per batch element, (B, 1, 1), with no temporary the size of x
+            return x.reshape(x.shape[0], 1, -1) @ y.reshape(y.shape[0], -1, 1)
+
+        a_gw, a_gs = a @ g_w, a @ g_s  # (B, b, o): the gradient of each token's rank-one term
+        grads = [
+            c_w * g_w if needs[0] else None,
+            (c_s * g_s).addcmul_(c_m, g_w) if needs[1] else None,
+            torch.baddbmm((c_u * delta) @ g_w.mT, c_su * delta, g_s.mT) if needs[2] else None,
+            torch.addcmul(c_u * a_gw, c_su, a_gs) if needs[3] else None,
+            dot(g_w, w) if needs[4] else None,
+            dot(g_w, s) if needs[5] else None,
+            (delta * a_gw).sum(-1, keepdim=True) if needs[6] else None,
+            dot(g_s, s) if needs[7] else None,
+            (delta * a_gs).sum(-1, keepdim=True) if needs[8] else None,
+        ]
+        return tuple(grads)
 
 
 def chunked_memory(
@@ -200,6 +252,8 @@ def chunk_group(layout: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:
     """
     depth, names, write_last = layout
     weights, momentum = tensors[:depth], tensors[depth : 2 * depth]
+    if not torch.is_grad_enabled():  # the chunks then write in place: on a copy, not the caller's state
+        weights, momentum = tuple(w.clone() for w in weights), tuple(s.clone() for s in momentum)
     q, k, v, *values = tensors[2 * depth :]
     ys = []
     for i in range(q.shape[1]):

@@ -37,7 +37,7 @@ class TitansConfig:
     window: MAC's segment length C, and the sliding window of MAG, MAL and SWA: either
         way the number of past tokens attention can see (unused by "transformer").
     n_persistent: learnable persistent-memory tokens per attention layer (eq 19).
-    memory_depth, memory_expansion, chunk_size, conv_kernel, momentum, forgetting:
+    memory_depth, memory_expansion, chunk_size, conv_kernel, momentum, forgetting, averaged_momentum:
         passed to `NeuralMemory` (see there). MAC needs `window % chunk_size == 0` so
         that a segment ends where a chunk ends: the next segment reads the memory the
         whole previous segment wrote.
@@ -67,6 +67,7 @@ class TitansConfig:
     conv_kernel: int = 4
     momentum: bool = True
     forgetting: bool = True
+    averaged_momentum: bool = False
     memory_output_gate: bool | None = None
     mlp_expansion: int = 4
     checkpoint_memory: bool = False
@@ -78,7 +79,7 @@ class TitansConfig:
             check_int(f"TitansConfig.{name}", getattr(self, name), 1)
         for name in ("n_persistent", "conv_kernel"):
             check_int(f"TitansConfig.{name}", getattr(self, name), 0)
-        for name in ("momentum", "forgetting", "checkpoint_memory"):
+        for name in ("momentum", "forgetting", "averaged_momentum", "checkpoint_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TitansConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.memory_output_gate is not None and not isinstance(self.memory_output_gate, bool):

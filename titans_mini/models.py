@@ -40,6 +40,7 @@ def make_memory(config: TitansConfig) -> NeuralMemory:
     return NeuralMemory(config.dim, config.memory_depth, config.chunk_size,
                         expansion=config.memory_expansion, conv_kernel=config.conv_kernel,
                         momentum=config.momentum, forgetting=config.forgetting,
+                        averaged_momentum=config.averaged_momentum,
                         checkpoint_chunks=config.checkpoint_memory)
 
 

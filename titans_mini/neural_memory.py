@@ -44,6 +44,8 @@ class NeuralMemory(nn.Module):
         momentum, forgetting: False pins eta = 0 or alpha = 0 (ablations of table 5).
         theta_max: the largest inner learning rate; None = 1 / (4 chunk_size) (see below).
         eta_max: the largest momentum gate (see below).
+        averaged_momentum: theta_t = (1 - eta_t) theta_max sigmoid(.), so that the momentum
+            cannot multiply the inner step (see below). Off by default.
         theta_init, eta_init, alpha_init: the gates' values at initialisation
             (theta_init None = theta_max / 2).
         sequential: run the inner loop one token at a time (`memory.sequential_memory`, the
@@ -76,6 +78,19 @@ class NeuralMemory(nn.Module):
     still choose any theta below the cap. A theta_max above 1 / b is accepted (to see the
     divergence) with a RuntimeWarning.
 
+    Why averaged_momentum (paper: eta_t and theta_t are free functions of x_t). The cap
+    on theta bounds one chunk's step, not what momentum adds up: with the gates constant,
+    S tends to -theta / (1 - eta) times the surprise, so a haystack that repeats one surprise
+    moves the memory by b theta / (1 - eta) per chunk, up to 2.5 at the caps (b theta_max
+    = 1/4, eta_max = 0.9). One of our three long-context LMM seeds learned exactly that in
+    its second layer (theta and eta at their caps, alpha near 0, on filler) and its inner
+    loop overflowed about 100 tokens into every long prompt, so no longer prompt could
+    train it. With theta_t = (1 - eta_t) theta_hat_t, eq 10 is an exponential moving
+    average of the scaled surprise (Adam's first moment): S_t = eta_t S_(t-1) - (1 - eta_t)
+    theta_hat_t grad, the same family of rules, whose repeated step is at most b theta_max
+    whatever eta. The price: a strong momentum writes a lone token (the needle) more weakly.
+    theta_init then sets theta_hat; the step starts at (1 - eta_init) theta_init.
+
     Why unit values (paper: q and k are normalised, v is not). A linear memory's step
     is stable whatever the size of v, but a deep one's is not: the layer-1 gradient is
     proportional to the error times the later layers' weights, so large errors make
@@ -106,6 +121,7 @@ class NeuralMemory(nn.Module):
         theta_max: float | None = None,
         theta_init: float | None = None,
         eta_max: float = 0.9,
+        averaged_momentum: bool = False,
         eta_init: float = 0.5,
         alpha_init: float = 0.01,
         sequential: bool = False,
@@ -134,6 +150,7 @@ class NeuralMemory(nn.Module):
         self.v_l2norm = v_l2norm
         self.momentum, self.forgetting, self.theta_max, self.eta_max = momentum, forgetting, theta_max, eta_max
         self.sequential, self.checkpoint_chunks = sequential, checkpoint_chunks
+        self.averaged_momentum = averaged_momentum
 
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = nn.Parameter(torch.randn(3 * dim, conv_kernel) / math.sqrt(conv_kernel)) if conv_kernel else None
@@ -180,6 +197,7 @@ class NeuralMemory(nn.Module):
         theta, eta, alpha = torch.sigmoid(self.to_gates(x)).unbind(-1)
         theta, eta = self.theta_max * theta, self.eta_max * eta
         eta = eta if self.momentum else torch.zeros_like(eta)
+        theta = theta * (1 - eta) if self.averaged_momentum else theta
         alpha = alpha if self.forgetting else torch.zeros_like(alpha)
         return theta, eta, alpha
 
