@@ -217,7 +217,8 @@ def chunked_memory(
     group's start weights and momentum, and recomputes one group at a time (its chunks'
     states and activations), so what is held for backward grows like sqrt(T) (n / g group
     starts plus the g chunks of the group being recomputed, least at g = sqrt(n)), for one
-    extra forward pass, as with one checkpoint per chunk. Off, backward is faster and holds
+    extra forward pass (less the last group's, whose graph is kept), as with one checkpoint
+    per chunk. Off, backward is faster and holds
     every chunk's activations (fine for the short sequences of the small language models).
     """
     batch, steps, _ = k.shape
@@ -236,7 +237,9 @@ def chunked_memory(
         # a last, incomplete chunk's tokens wait in the state: read, not written
         layout = (len(weights), tuple(coefs), not (end == n_chunks and pad))
         parts = [t[:, start:end] for t in (q, k, v, *coefs.values())]
-        run = RecomputedGroup.apply if checkpointed else chunk_group
+        # the last group is not checkpointed: backward would recompute it first thing, so its
+        # graph recorded now costs no more memory and saves a recomputation
+        run = RecomputedGroup.apply if checkpointed and end < n_chunks else chunk_group
         y, *state = run(layout, *weights, *momentum, *parts)
         weights, momentum = tuple(state[: len(weights)]), tuple(state[len(weights) :])
         ys.append(y)
@@ -252,9 +255,10 @@ def chunk_group(layout: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:
     """
     depth, names, write_last = layout
     weights, momentum = tensors[:depth], tensors[depth : 2 * depth]
-    if not torch.is_grad_enabled():  # the chunks then write in place: on a copy, not the caller's state
-        weights, momentum = tuple(w.clone() for w in weights), tuple(s.clone() for s in momentum)
     q, k, v, *values = tensors[2 * depth :]
+    if not torch.is_grad_enabled() and (write_last or q.shape[1] > 1):
+        # the chunks then write in place: on a copy, not the caller's state
+        weights, momentum = tuple(w.clone() for w in weights), tuple(s.clone() for s in momentum)
     ys = []
     for i in range(q.shape[1]):
         # per chunk: scalars shaped (B, 1, 1), token coefficients (B, b, 1), read_u (B, b, b)
