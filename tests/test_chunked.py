@@ -110,6 +110,21 @@ def test_the_state_write_has_the_gradient_of_its_formula():
     assert torch.autograd.gradcheck(StateWrite.apply, args)
 
 
+def test_without_gradients_the_callers_state_is_left_as_it_was():
+    """Under no_grad the chunks write in place, on a copy: the weights and momentum passed in
+    are unchanged, and the result equals that of the out-of-place path (gradients on)."""
+    inputs = random_inputs(2, 13, dim=6, hidden=10)
+    before = [t.clone() for t in (*inputs[0], *inputs[1])]
+    with torch.no_grad():
+        y, weights, momentum = chunked_memory(*inputs, chunk_size=4)
+    for t, b in zip((*inputs[0], *inputs[1]), before):
+        assert torch.equal(t, b)
+    y_grad, weights_grad, _ = chunked_memory(*inputs, chunk_size=4)
+    torch.testing.assert_close(y, y_grad.detach())
+    for w, w_grad in zip(weights, weights_grad):
+        torch.testing.assert_close(w, w_grad.detach())
+
+
 def grads_of(checkpoint_chunks, inputs, chunk_size):
     leaves = [t.detach().requires_grad_() for t in (*inputs[0], *inputs[1], *inputs[2:])]
     depth = len(inputs[0])
