@@ -5,8 +5,10 @@ import warnings
 import pytest
 import torch
 from torch.func import functional_call
+import torch.nn.functional as F
 
 from titans_mini import MemoryState, NeuralMemory
+from titans_mini.conv import causal_depthwise_conv
 from titans_mini.memory import associative_loss, linear_memory_grad, memory_forward, sequential_memory, surprise
 
 
@@ -228,3 +230,15 @@ def test_averaged_momentum_keeps_the_inner_loop_bounded_where_plain_momentum_ove
         expected = memory.theta_max * (1 - eta) if averaged else torch.full_like(theta, memory.theta_max)
         torch.testing.assert_close(theta, expected)
     assert not outputs[False] < 1e6 and outputs[True] < 10, outputs  # the largest memory weight (NaN: overflowed)
+
+
+@pytest.mark.parametrize("taps", [1, 4])
+def test_causal_depthwise_conv_matches_conv1d_and_gradcheck(taps):
+    """The hand-written convolution equals F.conv1d with one group per channel, and its
+    backward equals finite differences (gradcheck, float64)."""
+    torch.manual_seed(0)
+    padded = torch.randn(2, taps - 1 + 9, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, taps, dtype=torch.float64, requires_grad=True)
+    expected = F.conv1d(padded.mT, weight.unsqueeze(1), groups=5).mT
+    torch.testing.assert_close(causal_depthwise_conv(padded, weight), expected)
+    assert torch.autograd.gradcheck(causal_depthwise_conv, (padded, weight))

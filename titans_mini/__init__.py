@@ -4,6 +4,7 @@ The model, one idea a module (none of them knows the experiments below):
     memory         the neural memory as a learner: eq 8-15, token by token
     scan           first-order linear recurrences as a parallel associative scan (eq 18)
     chunked        the parallel chunked update: mini-batch gradient descent (eq 16-18)
+    conv           the causal depthwise convolution of q, k, v (section 4.4), its backward written out
     neural_memory  NeuralMemory, the memory as a layer (section 3.1, 4.4)
     attention      causal / sliding-window attention with persistent memory (eq 19)
     config         TitansConfig: one validated object for every model choice

@@ -175,8 +175,10 @@ class StateWrite(torch.autograd.Function):
         w, s, a, delta, c_w, c_m, c_u, c_s, c_su = ctx.saved_tensors
         needs = ctx.needs_input_grad
 
-        def dot(x, y):  # <x, y> per batch element, (B, 1, 1), with no temporary the size of x
-            return x.reshape(x.shape[0], 1, -1) @ y.reshape(y.shape[0], -1, 1)
+        def dot(x, y):  # <x, y> per batch element, (B, 1, 1), with no temporary the size of x:
+            # one BLAS dot each (on CPU a (1 x n) @ (n x 1) matmul is ~10x slower, and
+            # (x * y).sum() allocates a weight-sized product, its pages faulted in afresh)
+            return torch.stack([torch.dot(u, w) for u, w in zip(x.flatten(1), y.flatten(1))]).reshape(-1, 1, 1)
 
         a_gw, a_gs = a @ g_w, a @ g_s  # (B, b, o): the gradient of each token's rank-one term
         grads = [
@@ -225,25 +227,33 @@ def chunked_memory(
     size = chunk_size
     n_chunks = -(-steps // size)
     pad = n_chunks * size - steps
-    tokens = [F.pad(t, (0, 0, 0, pad)) for t in (q, k, v)]
+    tokens = [F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v)]  # (F.pad copies even for pad 0)
     q, k, v = (rearrange(t, "b (n c) d -> b n c d", c=size) for t in tokens)
     gates = [rearrange(F.pad(g, (0, pad)), "b (n c) -> b n c", c=size) for g in (theta, eta, alpha)]
     coefs = chunk_coefficients(*gates)  # name -> (B, n, ...)
     checkpointed = checkpoint_chunks and torch.is_grad_enabled()
     group = math.isqrt(n_chunks - 1) + 1 if checkpointed else n_chunks  # ceil(sqrt(n)) chunks a group
+    # split, not sliced: the backward of a slice writes its gradient into zeros the size of
+    # the whole input (a fill of every chunk's q, k, v per chunk); a split's concatenates once
+    groups = zip(*(t.split(group, dim=1) for t in (q, k, v, *coefs.values())))
     ys = []
-    for start in range(0, n_chunks, group):
+    for start, parts in zip(range(0, n_chunks, group), groups):
         end = min(start + group, n_chunks)
         # a last, incomplete chunk's tokens wait in the state: read, not written
         layout = (len(weights), tuple(coefs), not (end == n_chunks and pad))
-        parts = [t[:, start:end] for t in (q, k, v, *coefs.values())]
         # the last group is not checkpointed: backward would recompute it first thing, so its
         # graph recorded now costs no more memory and saves a recomputation
         run = RecomputedGroup.apply if checkpointed and end < n_chunks else chunk_group
-        y, *state = run(layout, *weights, *momentum, *parts)
-        weights, momentum = tuple(state[: len(weights)]), tuple(state[len(weights) :])
-        ys.append(y)
-    return torch.cat(ys, dim=1)[:, :steps], weights, momentum
+        *y, state = split_outputs(run(layout, *weights, *momentum, *parts), end - start, len(weights))
+        weights, momentum = state
+        ys += y
+    y = torch.cat(ys, dim=1)
+    return (y[:, :steps] if pad else y), weights, momentum
+
+
+def split_outputs(outputs: tuple[Tensor, ...], chunks: int, depth: int) -> tuple:
+    """A group's outputs (one y per chunk, then L weights and L momenta) as (*ys, (weights, momentum))."""
+    return *outputs[:chunks], (outputs[chunks : chunks + depth], outputs[chunks + depth :])
 
 
 def chunk_group(layout: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -251,7 +261,8 @@ def chunk_group(layout: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:
 
     layout: (memory depth L, the coefficients' names, whether the last chunk is written);
     tensors: L weights, L momenta, then q, k, v (B, g, b, d) and the coefficients (B, g, ...)
-    of the g chunks. Returns y (B, g b, d), then the L new weights and L new momenta.
+    of the g chunks. Returns each chunk's y (B, b, d), then the L new weights and L new momenta
+    (the chunks' outputs are concatenated once, for the whole sequence).
     """
     depth, names, write_last = layout
     weights, momentum = tensors[:depth], tensors[depth : 2 * depth]
@@ -259,15 +270,14 @@ def chunk_group(layout: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:
     if not torch.is_grad_enabled() and (write_last or q.shape[1] > 1):
         # the chunks then write in place: on a copy, not the caller's state
         weights, momentum = tuple(w.clone() for w in weights), tuple(s.clone() for s in momentum)
-    ys = []
-    for i in range(q.shape[1]):
-        # per chunk: scalars shaped (B, 1, 1), token coefficients (B, b, 1), read_u (B, b, b)
-        coef = {name: value[:, i] if name == "read_u" else value[:, i].reshape(q.shape[0], -1, 1)
-                for name, value in zip(names, values)}
-        write = write_last or i < q.shape[1] - 1
-        y, weights, momentum = chunk_step(weights, momentum, q[:, i], k[:, i], v[:, i], coef, write)
+    ys, count = [], q.shape[1]
+    # per chunk: scalars shaped (B, 1, 1), token coefficients (B, b, 1), read_u (B, b, b)
+    values = [value if name == "read_u" else value.reshape(*value.shape[:2], -1, 1) for name, value in zip(names, values)]
+    for i, (q_i, k_i, v_i, *coef) in enumerate(zip(*(t.unbind(1) for t in (q, k, v, *values)))):
+        write = write_last or i < count - 1
+        y, weights, momentum = chunk_step(weights, momentum, q_i, k_i, v_i, dict(zip(names, coef)), write)
         ys.append(y)
-    return torch.cat(ys, dim=1), *weights, *momentum
+    return *ys, *weights, *momentum
 
 
 class RecomputedGroup(torch.autograd.Function):

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .checks import check_int
 from .chunked import chunked_memory
+from .conv import causal_depthwise_conv
 from .memory import MemoryState, memory_forward, sequential_memory
 
 
@@ -180,9 +181,7 @@ class NeuralMemory(nn.Module):
                 conv = qkv.new_zeros(x.shape[0], self.conv_kernel - 1, 3 * self.dim)
             steps, padded = qkv.shape[1], torch.cat([conv, qkv], dim=1)
             conv = padded[:, steps:]
-            # causal depthwise convolution: out_t = sum_i w_i * in_{t - K + 1 + i}
-            # (shift-and-add: on CPU it is far faster than F.conv1d's depthwise backward)
-            qkv = sum(padded[:, i : i + steps] * self.conv[:, i] for i in range(self.conv_kernel))
+            qkv = causal_depthwise_conv(padded, self.conv)  # out_t = sum_i w_i * in_{t - K + 1 + i}
         if self.qkv_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.chunk(3, dim=-1)
@@ -238,8 +237,9 @@ class NeuralMemory(nn.Module):
             q, k, v, conv = self.project(inner, state.conv)
             gates = torch.stack(self.gates(inner), dim=-1)
             seen = state.pending  # tokens of the current chunk already in the state
-            k, v, gates = (torch.cat([old, new], dim=1) for old, new in ((state.keys, k), (state.values, v), (state.gates, gates)))
-            q = F.pad(q, (0, 0, seen, 0))  # those tokens were read in an earlier call
+            if seen:  # (torch.cat and F.pad copy even what they leave as it is)
+                k, v, gates = (torch.cat([old, new], dim=1) for old, new in ((state.keys, k), (state.values, v), (state.gates, gates)))
+                q = F.pad(q, (0, 0, seen, 0))  # those tokens were read in an earlier call
             inputs = (state.weights, state.momentum, q, k, v, *gates.unbind(-1))
             if self.sequential:
                 y, weights, momentum = sequential_memory(*inputs, chunk_size=self.chunk_size)
