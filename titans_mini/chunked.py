@@ -244,16 +244,12 @@ def chunked_memory(
         # the last group is not checkpointed: backward would recompute it first thing, so its
         # graph recorded now costs no more memory and saves a recomputation
         run = RecomputedGroup.apply if checkpointed and end < n_chunks else chunk_group
-        *y, state = split_outputs(run(layout, *weights, *momentum, *parts), end - start, len(weights))
-        weights, momentum = state
-        ys += y
+        outputs, count, depth = run(layout, *weights, *momentum, *parts), end - start, len(weights)
+        ys += outputs[:count]  # one y per chunk, then the L weights and L momenta
+        weights, momentum = outputs[count : count + depth], outputs[count + depth :]
     y = torch.cat(ys, dim=1)
     return (y[:, :steps] if pad else y), weights, momentum
 
-
-def split_outputs(outputs: tuple[Tensor, ...], chunks: int, depth: int) -> tuple:
-    """A group's outputs (one y per chunk, then L weights and L momenta) as (*ys, (weights, momentum))."""
-    return *outputs[:chunks], (outputs[chunks : chunks + depth], outputs[chunks + depth :])
 
 
 def chunk_group(layout: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:
