@@ -29,7 +29,10 @@ it.
 Timing: a warm-up call on 2 chunks, then full-size calls (a first full-size call under
 5 s counts as a warm-up too); the median of up to --repeats calls within --max-seconds.
 Each line also gives the spread of the calls (fastest-slowest) and their system CPU time
-over their user CPU time, and says whether the outputs (and gradients) were finite.
+over their user CPU time, and says whether the outputs (and gradients) were finite. Before each
+timed call one 2048^2 sgemm measures the matmul peak of that moment (these machines' speed
+drifts with their neighbours'); a share of the peak is taken of the higher of the run's start
+peak and the median of those.
 
 Implementations, all a depth-2 memory MLP dim -> 4 dim -> dim, with the same dim and chunk:
     chunked                   ours, NeuralMemory(dim, depth=2, chunk_size=C, expansion=4)
@@ -58,7 +61,7 @@ speedup_vs_per_token from the forward pass (in --quick the per-token loop is tim
 shorter T and its tokens/s carried over: its cost per token does not depend on T; the
 output says so); the titans-pytorch figures from forward + backward (our tokens/s / theirs,
 our peak memory / theirs); fwdbwd_peak_share: our forward + backward's matmul rate (3x the
-analytic forward count) over the matmul peak of the same run; fwdbwd_system_over_user: the
+analytic forward count) over the matmul peak of the same run (`share_peak`); fwdbwd_system_over_user: the
 system CPU time of those calls over their user CPU time; load: whether --load was on.
 
     python benchmarks/bench_memory.py --quick            # the summary only, ~2 min on 2 CPU cores
@@ -89,7 +92,7 @@ DIMS, BATCHES, STEPS, CHUNK = (64, 256), (1, 4), (256, 512, 1024, 2048, 4096, 81
 SWEEP_STEPS = (1024, 2048, 4096, 8192, 16384, 32768)  # --memory-vs-T
 SUMMARY = dict(dim=256, batch=4, steps=4096, chunk=CHUNK)
 QUICK_PER_TOKEN_STEPS = 256  # --quick times the per-token loop at this T and carries its tokens/s over
-QUICK_BUDGET_S = 20.0  # --quick: a second timed call only if the measurement stays within this
+QUICK_BUDGET_S = 30.0  # --quick: a further timed call only if the measurement stays within this
 IMPLS = ("chunked", "per_token", "titans-pytorch", "titans-pytorch-minibatch")
 PASSES = ("fwd", "fwdbwd")
 WARM_LIMIT_S = 5.0  # a first full-size call shorter than this is discarded as a warm-up
@@ -187,10 +190,12 @@ def measure(config: Config, which: str, *, repeats: int = 3, budget_s: float = 9
         torch.cuda.reset_peak_memory_stats(device)
     start_mb = _peak_mb(device)
     finite = True
+    sgemm = sgemm_rate(device)
 
     def run(steps: int) -> dict[str, float]:
         nonlocal finite
         x = torch.randn(config.batch, steps, config.dim, device=device)
+        peak = sgemm()  # the matmul peak of this moment, just before the call
         _sync(device)
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
@@ -206,7 +211,7 @@ def measure(config: Config, which: str, *, repeats: int = 3, budget_s: float = 9
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         finite = finite and all(bool(torch.isfinite(t).all()) for t in [y, *grads])
         model.zero_grad(set_to_none=True)
-        return {"wall": elapsed, "user": after.ru_utime - cpu.ru_utime, "sys": after.ru_stime - cpu.ru_stime}
+        return {"wall": elapsed, "user": after.ru_utime - cpu.ru_utime, "sys": after.ru_stime - cpu.ru_stime, "peak_gflops": peak}
 
     began = time.perf_counter()
     run(min(config.steps, 2 * config.chunk))  # lazy initialisation, first-call overheads
@@ -253,18 +258,28 @@ def measure_in_subprocess(
     return got
 
 
-def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
-    """The float32 matmul peak: the median speed of an n x n sgemm, in GFLOP/s."""
+def sgemm_rate(device: torch.device):
+    """A function timing one n x n float32 matmul, returning its GFLOP/s (operands and output
+    allocated once, so that timing it inside a measurement leaves the heap as it was)."""
     n = MATMUL_N.get(device.type, MATMUL_N["cpu"])
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
+    out = torch.empty_like(a)
+
+    def rate() -> float:
         _sync(device)
         start = time.perf_counter()
-        a @ b
+        torch.matmul(a, b, out=out)
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times[1:]) / 1e9
+        return 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+    rate()  # warms up
+    return rate
+
+
+def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
+    """The float32 matmul peak: the median speed of an n x n sgemm, in GFLOP/s."""
+    rate = sgemm_rate(device)
+    return statistics.median(rate() for _ in range(repeats))
 
 
 # ------------------------------------------------------ flops and memory
@@ -356,17 +371,26 @@ def system_share(calls: list[dict]) -> float:
     return sum(call["sys"] for call in calls) / max(sum(call["user"] for call in calls), 1e-9)
 
 
+def share_peak(start_peak: float | None, calls: list[dict]) -> float | None:
+    """The matmul peak a share is taken of: the higher of the run's start peak and the median
+    of those measured just before each timed call (the machine's speed drifts with its
+    neighbours; the higher peak gives the lower, safer share)."""
+    between = [call["peak_gflops"] for call in calls if "peak_gflops" in call]
+    return max([p for p in (start_peak, between and statistics.median(between)) if p], default=None)
+
+
 def summary(results: list[Result], dim: int, batch: int, steps: int, chunk: int,
             peak_gflops: float | None = None, load: bool = False) -> tuple[str, list[str]]:
     """The summary line and notes on how each figure was obtained.
 
-    peak_gflops: the matmul peak of the same run (the share of it our forward+backward
-    reaches, from `chunked_forward_flops`, is `fwdbwd_peak_share`); load: whether a
+    peak_gflops: the matmul peak at the start of the run (the share our forward+backward
+    reaches, from `chunked_forward_flops`, is `fwdbwd_peak_share`, of `share_peak`); load: whether a
     CPU-bound process ran beside (--load).
     """
     notes = []
     ours_fwd = _find(results, "chunked", dim, batch, steps, chunk, "fwd")
     ours_train = _find(results, "chunked", dim, batch, steps, chunk, "fwdbwd")
+    peak_gflops = share_peak(peak_gflops, ours_train.calls.get("fwdbwd", []) if ours_train else [])
     per_token = _find(results, "per_token", dim, batch, steps, chunk, "fwd")
     if per_token is None:  # the loop's cost per token does not depend on T: carry over the longest T measured
         shorter = [r for r in _measured(results, "per_token", dim, batch, chunk, "fwd") if r.config.steps < steps]
@@ -468,9 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only what the summary line needs (~2 min on 2 CPU cores)")
     parser.add_argument("--json", type=Path, help="also write every result to this JSON file")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement at most (default 3, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement at most (default 3)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    parser.add_argument("--max-seconds", type=float, default=90.0, help="skip a measurement estimated to take longer; repeat calls only within it (quick: within 20 s)")
+    parser.add_argument("--max-seconds", type=float, default=90.0, help="skip a measurement estimated to take longer; repeat calls only within it (quick: within 30 s)")
     parser.add_argument("--max-gb", type=float, default=None, help="skip a measurement estimated to need more (default: 60%% of RAM)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=MMAP_THRESHOLD, help="run every measurement subprocess with MALLOC_MMAP_THRESHOLD_=this many bytes (e.g. 131072): lower peak RSS, slower; default 0 = glibc's own setting")
     parser.add_argument("--no-titans", action="store_true", help="leave titans-pytorch out even when installed")
@@ -497,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def benchmark(args: argparse.Namespace) -> int:
     began = time.perf_counter()
-    repeats = args.repeats or (2 if args.quick else 3)
+    repeats = args.repeats or 3
     budget_s = min(args.max_seconds, QUICK_BUDGET_S) if args.quick else args.max_seconds  # time for repeated calls
     max_mb = 1024 * (args.max_gb or 0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
     device = setup(args.threads)
@@ -558,8 +582,11 @@ def benchmark(args: argparse.Namespace) -> int:
     for name, r, factor, which in (("forward", ours[0], 1, "fwd"), ("forward+backward", ours[1], 3, "fwdbwd")):
         if r is not None:
             rate = factor * flops / (b * t) * r.tok_s[which] / 1e9
-            print(f"# chunked dim {d} B{b} T{t} C{c} {name}: {rate:.0f} GFLOP/s = {100 * rate / peak:.0f}% of the matmul peak "
-                  f"({factor} x {flops / (b * t) / 1e6:.2f} MFLOP/token, analytic matmul count)")
+            between = [call["peak_gflops"] for call in r.calls[which]]
+            used = share_peak(peak, r.calls[which])
+            print(f"# chunked dim {d} B{b} T{t} C{c} {name}: {rate:.0f} GFLOP/s = {100 * rate / used:.0f}% of the matmul peak "
+                  f"({factor} x {flops / (b * t) / 1e6:.2f} MFLOP/token, analytic matmul count; peak {used:.0f} GFLOP/s, the higher of "
+                  f"the run's start and the median just before each call, {min(between):.0f}-{max(between):.0f})")
     line, notes = summary(results, d, b, t, c, peak_gflops=peak, load=args.load)
     for note in notes:
         print(f"# {note}")

@@ -138,6 +138,12 @@ def test_summary_share_of_the_matmul_peak_and_system_time_come_from_the_training
     line, _ = bench.summary([ours], dim=256, batch=4, steps=64, chunk=64, peak_gflops=2 * rate)
     match = bench.SUMMARY_LINE.match(line)
     assert match["share"] == "0.50" and match["system"] == "0.20" and match["per_token"] == "na"
+    # peaks timed just before the calls: the share is of the higher of those (their median) and the start's
+    for peaks, share in (((4.0, 3.0, 5.0), "0.25"), ((1.0, 1.5, 0.5), "0.50")):
+        timed = [dict(call, peak_gflops=p * rate) for call, p in zip(calls * 2, peaks)]
+        ours = fake(bench, "chunked", 64, fwd=900.0, fwdbwd=300.0, peak=(10.0, 20.0), calls={"fwdbwd": timed})
+        line, _ = bench.summary([ours], dim=256, batch=4, steps=64, chunk=64, peak_gflops=2 * rate)
+        assert bench.SUMMARY_LINE.match(line)["share"] == share
 
 
 @pytest.mark.parametrize("have_titans", [False, True])
@@ -222,7 +228,8 @@ def test_a_tiny_quick_run_ends_with_the_summary_line(bench, monkeypatch, capsys)
     assert 10 < float(measured[0]["peak_fwdbwd"]) < 4000  # a fresh process's RSS: torch imported, nothing more
     text = "\n".join(lines)
     assert "ESTIMATED" in text and "MALLOC_MMAP_THRESHOLD_=131072" in text and "% of the matmul peak" in text
-    assert "fwdbwd: 2 calls" in lines[next(i for i, line in enumerate(lines) if line.startswith("impl=chunked"))]
+    assert "the median just before each call" in text
+    assert "fwdbwd: 3 calls" in lines[next(i for i, line in enumerate(lines) if line.startswith("impl=chunked"))]
     assert match["share"] != "na" and match["system"] != "na" and match["load"] == "off"
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from titans_mini import NeuralMemory
-from titans_mini.chunked import StateWrite, chunked_memory, memory_activations, token_deltas, transfer_matrix
+from titans_mini.chunked import chunked_memory, memory_activations, token_deltas, transfer_matrix
 from titans_mini.memory import associative_loss, sequential_memory
 
 
@@ -95,19 +95,31 @@ def test_lengths_that_are_not_multiples_of_the_chunk_work():
     assert state.pending == 3 and torch.isfinite(short).all()
 
 
-def test_the_state_write_has_the_gradient_of_its_formula():
-    """StateWrite's hand-written backward, every input, against finite differences (gradcheck)
-    and its forward against the same formula written with tensor ops."""
-    gen = torch.Generator().manual_seed(3)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-    batch, b, i, o = 2, 3, 4, 5
-    args = (rand(batch, i, o), rand(batch, i, o), rand(batch, b, i), rand(batch, b, o),
-            rand(batch, 1, 1), rand(batch, 1, 1), rand(batch, b, 1), rand(batch, 1, 1), rand(batch, b, 1))
-    w, s, a, d, c_w, c_m, c_u, c_s, c_su = args
-    new_w, new_s = StateWrite.apply(*args)
-    torch.testing.assert_close(new_w, c_w * w + c_m * s + a.mT @ (c_u * d))
-    torch.testing.assert_close(new_s, c_s * s + a.mT @ (c_su * d))
-    assert torch.autograd.gradcheck(StateWrite.apply, args)
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("steps, chunk_size", [(7, 3), (16, 4), (5, 8)])
+def test_the_written_out_backward_equals_autograd_through_the_per_token_loop(depth, steps, chunk_size):
+    """Every input's gradient (weights, momentum, q, k, v, the three gates), through the outputs
+    and the final state: the chunks' hand-written backward against autograd differentiating
+    the literal loop of the same rule, with and without recomputation."""
+    inputs = random_inputs(depth, steps, seed=depth + steps)
+    _, want = grads_of(None, inputs, chunk_size)
+    for checkpoint_chunks in (False, True):
+        _, got = grads_of(checkpoint_chunks, inputs, chunk_size)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("checkpoint_chunks", [False, True])
+def test_the_written_out_backward_passes_gradcheck(checkpoint_chunks):
+    """Finite differences of every input, float64: 9 tokens in chunks of 2 (the last one unwritten)."""
+    inputs = random_inputs(2, 9, dim=3, hidden=4, batch=2)
+    leaves = [t.detach().requires_grad_() for t in (*inputs[0], *inputs[1], *inputs[2:])]
+
+    def run(*leaves):
+        y, weights, momentum = chunked_memory(leaves[:2], leaves[2:4], *leaves[4:], chunk_size=2, checkpoint_chunks=checkpoint_chunks)
+        return y, *weights, *momentum
+
+    assert torch.autograd.gradcheck(run, leaves)
 
 
 def test_without_gradients_the_callers_state_is_left_as_it_was():
@@ -126,10 +138,14 @@ def test_without_gradients_the_callers_state_is_left_as_it_was():
 
 
 def grads_of(checkpoint_chunks, inputs, chunk_size):
+    """Gradients of a loss on y and the final state; checkpoint_chunks None: the per-token loop."""
     leaves = [t.detach().requires_grad_() for t in (*inputs[0], *inputs[1], *inputs[2:])]
     depth = len(inputs[0])
-    y, weights, momentum = chunked_memory(tuple(leaves[:depth]), tuple(leaves[depth : 2 * depth]), *leaves[2 * depth :],
-                                          chunk_size=chunk_size, checkpoint_chunks=checkpoint_chunks)
+    state = tuple(leaves[:depth]), tuple(leaves[depth : 2 * depth])
+    if checkpoint_chunks is None:
+        y, weights, momentum = sequential_memory(*state, *leaves[2 * depth :], chunk_size=chunk_size)
+    else:
+        y, weights, momentum = chunked_memory(*state, *leaves[2 * depth :], chunk_size=chunk_size, checkpoint_chunks=checkpoint_chunks)
     loss = y.pow(2).sum() + sum(w.sin().sum() for w in weights) + sum(s.cos().sum() for s in momentum)
     return y, torch.autograd.grad(loss, leaves)
 

@@ -232,13 +232,18 @@ def test_averaged_momentum_keeps_the_inner_loop_bounded_where_plain_momentum_ove
     assert not outputs[False] < 1e6 and outputs[True] < 10, outputs  # the largest memory weight (NaN: overflowed)
 
 
-@pytest.mark.parametrize("taps", [1, 4])
-def test_causal_depthwise_conv_matches_conv1d_and_gradcheck(taps):
-    """The hand-written convolution equals F.conv1d with one group per channel, and its
-    backward equals finite differences (gradcheck, float64)."""
+@pytest.mark.parametrize("taps", [1, 2, 4])
+@pytest.mark.parametrize("steps", [9, 2, 1])  # shorter than the tail too
+def test_causal_depthwise_conv_matches_conv1d_and_gradcheck(taps, steps):
+    """The hand-written convolution equals F.conv1d with one group per channel over the tail
+    followed by x, its new tail is the last K - 1 of those steps, and its backward (tail, x
+    and taps) equals finite differences (gradcheck, float64)."""
     torch.manual_seed(0)
-    padded = torch.randn(2, taps - 1 + 9, 5, dtype=torch.float64, requires_grad=True)
+    tail = torch.randn(2, taps - 1, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, steps, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, taps, dtype=torch.float64, requires_grad=True)
-    expected = F.conv1d(padded.mT, weight.unsqueeze(1), groups=5).mT
-    torch.testing.assert_close(causal_depthwise_conv(padded, weight), expected)
-    assert torch.autograd.gradcheck(causal_depthwise_conv, (padded, weight))
+    padded = torch.cat([tail, x], dim=1)
+    out, new_tail = causal_depthwise_conv(tail, x, weight)
+    torch.testing.assert_close(out, F.conv1d(padded.mT, weight.unsqueeze(1), groups=5).mT)
+    torch.testing.assert_close(new_tail, padded[:, padded.shape[1] - (taps - 1) :])
+    assert torch.autograd.gradcheck(lambda *args: causal_depthwise_conv(*args)[0], (tail, x, weight))

@@ -52,23 +52,36 @@ def memory_activations(weights: Weights, x: Tensor) -> tuple[list[Tensor], list[
     return inputs, pre, x
 
 
-def silu_derivative(h: Tensor) -> Tensor:
-    s = torch.sigmoid(h)
+def silu_derivative(h: Tensor, s: Tensor | None = None) -> Tensor:
+    """silu'(h) = s (1 + h (1 - s)), s = sigmoid(h) (pass s if you have it)."""
+    s = torch.sigmoid(h) if s is None else s
     return s * (1 + h * (1 - s))
 
 
-def token_deltas(weights: Weights, pre: list[Tensor], out: Tensor, v: Tensor) -> list[Tensor]:
+def silu_second_derivative(h: Tensor, s: Tensor) -> Tensor:
+    """silu''(h) = s (1 - s) (2 + h (1 - 2 s)), s = sigmoid(h)."""
+    return s * (1 - s) * (2 + h * (1 - 2 * s))
+
+
+def token_deltas(weights: Weights, pre: list[Tensor], out: Tensor, v: Tensor, record: list | None = None) -> list[Tensor]:
     """delta_t^l = d l_t / d h_t^l for every token and layer, l_t = ||M(k_t) - v_t||^2.
 
     Backpropagation written out, because the chunk needs these per-token factors rather
     than summed weight gradients (`torch.func` would hand back one full gradient per token,
-    the very tensors we avoid). Tested against autograd.
+    the very tensors we avoid). Tested against autograd. record: a list that gets, for each
+    hidden layer l from the bottom, (delta^(l+1) W_(l+1)^T, sigmoid(h^l), silu'(h^l)), for
+    `chunk_backward`.
     """
     delta = 2 * (out - v)
-    deltas = [delta]
+    deltas, steps = [delta], []
     for layer in range(len(weights) - 1, 0, -1):
-        delta = (delta @ weights[layer].mT) * silu_derivative(pre[layer - 1])
+        back, sigmoid = delta @ weights[layer].mT, torch.sigmoid(pre[layer - 1])
+        slope = silu_derivative(pre[layer - 1], sigmoid)
+        delta = back * slope
         deltas.append(delta)
+        steps.append((back, sigmoid, slope))
+    if record is not None:
+        record.extend(steps[::-1])
     return deltas[::-1]
 
 
@@ -107,92 +120,137 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> dict[str, T
     }
 
 
-def chunk_step(
-    weights: Weights, momentum: Weights, q: Tensor, k: Tensor, v: Tensor, coef: dict[str, Tensor], write: bool
-) -> tuple[Tensor, Weights, Weights]:
+def read_memory(weights: Weights, momentum: Weights, inputs: list[Tensor], deltas: list[Tensor], q: Tensor,
+                coef: dict[str, Tensor], record: list | None = None) -> Tensor:
+    """y_t = M_t(q_t), layer by layer, as a causal linear-attention product (fact 2 above):
+
+        z = c_W (x W_0) + c_S (x S_0) + ((x A^T) * c_u) Delta,     x' = silu(z) (z itself at the top)
+
+    record: a list that gets each layer's (x, x A^T, x W_0, x S_0, z), for `chunk_backward`.
+    """
+    x, top = q, len(weights) - 1
+    for layer, (w, s, a, delta) in enumerate(zip(weights, momentum, inputs, deltas)):
+        attention, xw, xs = x @ a.mT, x @ w, x @ s
+        z = torch.addcmul(coef["read_weights"] * xw, coef["read_momentum"], xs)
+        z.baddbmm_(attention * coef["read_u"], delta)
+        if record is not None:
+            record.append((x, attention, xw, xs, z))
+        x = F.silu(z) if layer < top else z
+    return x
+
+
+def chunk_step(weights: Weights, momentum: Weights, q: Tensor, k: Tensor, v: Tensor, coef: dict[str, Tensor],
+               write: bool, out: tuple[Weights, Weights] | None = None, tape: dict | None = None) -> Tensor:
     """One chunk: read every token's own memory M_t, then (if `write`) move M and S to the chunk end.
 
     q, k, v: (B, b, d); coef: this chunk's `chunk_coefficients`, scalars shaped (B, 1, 1)
-    or (B, b, 1) to broadcast, read_u (B, b, b).
+    or (B, b, 1) to broadcast, read_u (B, b, b). The new state is written into `out` (the
+    new weights and momenta, default: over `weights` and `momentum`, in place). No autograd
+    here: `ChunkGroup` differentiates it (`chunk_backward`). tape: a dict that gets what the
+    backward needs. Returns y (B, b, d).
     """
-    inputs, pre, out = memory_activations(weights, k)
-    deltas = token_deltas(weights, pre, out, v)
-
-    # read: y_t = M_t(q_t), layer by layer, as a causal linear-attention product
-    x = q
-    for layer, (w, s) in enumerate(zip(weights, momentum)):
-        scores = (x @ inputs[layer].mT) * coef["read_u"]
-        x = torch.addcmul(coef["read_weights"] * (x @ w), coef["read_momentum"], x @ s)
-        x = torch.baddbmm(x, scores, deltas[layer])
-        if layer < len(weights) - 1:
-            x = F.silu(x)
-    if not write:
-        return x, weights, momentum
-
-    # write: the chunk's update as weighted sums of rank-one gradients (eq 16-18); without a
-    # graph to record, into the state's own storage (`chunk_group` hands each group a copy)
-    names = ("end_weights", "end_momentum", "end_u", "momentum_momentum", "momentum_u")
-    write_layer = StateWrite.apply if torch.is_grad_enabled() else partial(state_write, in_place=True)
-    states = [write_layer(w, s, a, d, *(coef[name] for name in names))
-              for w, s, a, d in zip(weights, momentum, inputs, deltas)]
-    return x, tuple(w for w, _ in states), tuple(s for _, s in states)
+    backs, reads = ([], []) if tape is not None else (None, None)
+    inputs, pre, out_k = memory_activations(weights, k)
+    deltas = token_deltas(weights, pre, out_k, v, backs)
+    y = read_memory(weights, momentum, inputs, deltas, q, coef, reads)
+    if tape is not None:
+        tape.update(weights=weights, momentum=momentum, inputs=inputs, pre=pre, deltas=deltas, backs=backs, reads=reads)
+    if write:
+        new_weights, new_momentum = out or (weights, momentum)
+        names = ("end_weights", "end_momentum", "end_u", "momentum_momentum", "momentum_u")
+        for args in zip(weights, momentum, inputs, deltas, new_weights, new_momentum):
+            state_write(*args, *(coef[name] for name in names))
+    return y
 
 
-def state_write(w, s, a, delta, c_w, c_m, c_u, c_s, c_su, in_place: bool = False) -> tuple[Tensor, Tensor]:
+def state_write(w, s, a, delta, new_w, new_s, c_w, c_m, c_u, c_s, c_su) -> None:
     """One layer's state at a chunk's end (eq 16-18 unrolled, see the module docstring):
 
         W' = c_w W + c_m S + A^T (c_u * Delta),    S' = c_s S + A^T (c_su * Delta)
 
     W, S: (B, i, o) weights and momentum at the chunk start; A (B, b, i) the layer's inputs
     and Delta (B, b, o) its deltas; c_w, c_m, c_s (B, 1, 1) and c_u, c_su (B, b, 1).
-    `in_place`: W' and S' overwrite W and S (no gradient can flow through them then).
-    Otherwise one fresh weight-sized tensor each, the rest in place on it.
+    Written into new_w and new_s, which may be w and s themselves (in place).
     """
-    new_w = w.mul_(c_w) if in_place else c_w * w
-    new_w.addcmul_(c_m, s).baddbmm_(a.mT, c_u * delta)  # W' before S' overwrites S
-    new_s = s.mul_(c_s) if in_place else c_s * s
-    return new_w, new_s.baddbmm_(a.mT, c_su * delta)
+    torch.mul(w, c_w, out=new_w).addcmul_(c_m, s).baddbmm_(a.mT, c_u * delta)  # W' before S' overwrites S
+    torch.mul(s, c_s, out=new_s).baddbmm_(a.mT, c_su * delta)
 
 
-class StateWrite(torch.autograd.Function):
-    """`state_write` with a hand-written backward.
+def batch_dot(x: Tensor, y: Tensor) -> Tensor:
+    """<x, y> per batch element, (B, 1, 1), one BLAS dot each: no temporary the size of x (on
+    CPU a (1 x n) @ (n x 1) matmul is ~10x slower, and (x * y).sum() allocates the product)."""
+    return torch.stack([torch.dot(u, w) for u, w in zip(x.flatten(1), y.flatten(1))]).reshape(-1, 1, 1)
 
-    Autograd's backward of the formula would make about five weight-sized temporaries per
-    matrix (a scalar times a matrix has a matrix-sized gradient, and each scalar's gradient
-    <g, W> is a product, then summed). Weight-sized tensors are a chunk's largest (b rows
-    against i x o entries), and each fresh one costs page faults and cache misses. Here the
-    scalars' gradients are dot products, and the only weight-sized results are the two
-    gradients that flow back to W and S. Tested by gradcheck.
+
+def chunk_backward(tape: dict, coef: dict[str, Tensor], write: bool, g_y: Tensor,
+                   g_weights: Weights, g_momentum: Weights) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """The chain rule through one `chunk_step`, written out, last operation first.
+
+    g_weights, g_momentum: per layer, dL/dW and dL/dS of the chunk's end state on entry; on
+    return, of its start state (updated in place). Returns dL/dq, dL/dk, dL/dv and dL/dcoef.
+
+    Why by hand: autograd's backward of a chunk makes a fresh weight-sized tensor for every
+    matmul that reads W or S (each one's gradient) and then adds them up, about eight per layer
+    and chunk, each one's pages faulted in afresh; here every contribution is accumulated into
+    the same two buffers per layer (`baddbmm_`), the weight-sized tensors' only writes.
+    Checked against autograd through the per-token loop, and by gradcheck.
     """
+    names = ("weights", "momentum", "inputs", "pre", "deltas", "backs", "reads")
+    weights, momentum, inputs, pre, deltas, backs, reads = (tape[name] for name in names)
+    depth = len(weights)
+    g_in = [torch.zeros_like(a) for a in inputs]  # dL/dA of each layer's key-path inputs
+    g_delta = [torch.zeros_like(d) for d in deltas]
+    g = {name: torch.zeros_like(value) for name, value in coef.items()}
 
-    @staticmethod
-    def forward(ctx, w, s, a, delta, c_w, c_m, c_u, c_s, c_su):
-        ctx.save_for_backward(w, s, a, delta, c_w, c_m, c_u, c_s, c_su)
-        return state_write(w, s, a, delta, c_w, c_m, c_u, c_s, c_su)
+    # 1. the write (`state_write`), from the chunk-end state back to the chunk start
+    for layer in range(depth) if write else ():
+        a, delta, gw, gs = inputs[layer], deltas[layer], g_weights[layer], g_momentum[layer]
+        a_gw, a_gs = a @ gw, a @ gs  # (B, b, o): each token's rank-one term against dL/dW', dL/dS'
+        g_in[layer].baddbmm_(coef["end_u"] * delta, gw.mT).baddbmm_(coef["momentum_u"] * delta, gs.mT)
+        g_delta[layer].addcmul_(coef["end_u"], a_gw).addcmul_(coef["momentum_u"], a_gs)
+        g["end_u"] += (delta * a_gw).sum(-1, keepdim=True)
+        g["momentum_u"] += (delta * a_gs).sum(-1, keepdim=True)
+        g["end_weights"] += batch_dot(gw, weights[layer])
+        g["end_momentum"] += batch_dot(gw, momentum[layer])
+        g["momentum_momentum"] += batch_dot(gs, momentum[layer])
+        gs.mul_(coef["momentum_momentum"]).addcmul_(coef["end_momentum"], gw)  # dL/dS before dL/dW changes
+        gw.mul_(coef["end_weights"])
 
-    @staticmethod
-    def backward(ctx, g_w, g_s):
-        w, s, a, delta, c_w, c_m, c_u, c_s, c_su = ctx.saved_tensors
-        needs = ctx.needs_input_grad
+    # 2. the read (`read_memory`), top layer first
+    g_z = g_y
+    for layer in reversed(range(depth)):
+        (x, attention, xw, xs, _), w, s = reads[layer], weights[layer], momentum[layer]
+        g["read_weights"] += (g_z * xw).sum(-1, keepdim=True)
+        g["read_momentum"] += (g_z * xs).sum(-1, keepdim=True)
+        g_zw, g_zs = coef["read_weights"] * g_z, coef["read_momentum"] * g_z
+        g_weights[layer].baddbmm_(x.mT, g_zw)
+        g_momentum[layer].baddbmm_(x.mT, g_zs)
+        g_scores = g_z @ deltas[layer].mT  # dL/d((x A^T) * c_u), (B, b, b)
+        g["read_u"] += g_scores * attention
+        g_attention = g_scores * coef["read_u"]
+        g_delta[layer].baddbmm_((attention * coef["read_u"]).mT, g_z)
+        g_in[layer].baddbmm_(g_attention.mT, x)
+        g_x = (g_zw @ w.mT).baddbmm_(g_zs, s.mT).baddbmm_(g_attention, inputs[layer])
+        g_z = g_x * silu_derivative(reads[layer - 1][-1]) if layer else g_x
+    g_q = g_z
 
-        def dot(x, y):  # <x, y> per batch element, (B, 1, 1), with no temporary the size of x:
-            # one BLAS dot each (on CPU a (1 x n) @ (n x 1) matmul is ~10x slower, and
-            # (x * y).sum() allocates a weight-sized product, its pages faulted in afresh)
-            return torch.stack([torch.dot(u, w) for u, w in zip(x.flatten(1), y.flatten(1))]).reshape(-1, 1, 1)
+    # 3. the deltas (`token_deltas`), bottom layer first: delta^l = (delta^(l+1) W_(l+1)^T) * silu'(h^l)
+    g_pre = [None] * depth
+    for layer, (back, sigmoid, slope) in enumerate(backs):
+        g_back = g_delta[layer] * slope
+        g_pre[layer] = g_delta[layer] * back * silu_second_derivative(pre[layer], sigmoid)
+        g_delta[layer + 1].baddbmm_(g_back, weights[layer + 1])
+        g_weights[layer + 1].baddbmm_(g_back.mT, deltas[layer + 1])
+    g_pre[-1] = 2 * g_delta[-1]  # delta^top = 2 (out - v), out = h^top
+    g_v = -g_pre[-1]
 
-        a_gw, a_gs = a @ g_w, a @ g_s  # (B, b, o): the gradient of each token's rank-one term
-        grads = [
-            c_w * g_w if needs[0] else None,
-            (c_s * g_s).addcmul_(c_m, g_w) if needs[1] else None,
-            torch.baddbmm((c_u * delta) @ g_w.mT, c_su * delta, g_s.mT) if needs[2] else None,
-            torch.addcmul(c_u * a_gw, c_su, a_gs) if needs[3] else None,
-            dot(g_w, w) if needs[4] else None,
-            dot(g_w, s) if needs[5] else None,
-            (delta * a_gw).sum(-1, keepdim=True) if needs[6] else None,
-            dot(g_s, s) if needs[7] else None,
-            (delta * a_gs).sum(-1, keepdim=True) if needs[8] else None,
-        ]
-        return tuple(grads)
+    # 4. the key path (`memory_activations`), top layer first: h^l = A^l W^l, A^(l+1) = silu(h^l)
+    for layer in reversed(range(depth)):
+        g_weights[layer].baddbmm_(inputs[layer].mT, g_pre[layer])
+        g_in[layer].baddbmm_(g_pre[layer], weights[layer].mT)
+        if layer:
+            g_pre[layer - 1].addcmul_(g_in[layer], backs[layer - 1][2])
+    return g_q, g_in[0], g_v, g
 
 
 def chunked_memory(
@@ -214,14 +272,13 @@ def chunked_memory(
     chunk-start weights and tokens <= t of its chunk only: it never sees a later token.
     A last, incomplete chunk is read but not written; its start weights are returned.
 
-    When gradients are recorded and `checkpoint_chunks` is on, the chunks are checkpointed
-    in groups of about sqrt(n) of the n chunks (`RecomputedGroup`): backward keeps only each
-    group's start weights and momentum, and recomputes one group at a time (its chunks'
-    states and activations), so what is held for backward grows like sqrt(T) (n / g group
-    starts plus the g chunks of the group being recomputed, least at g = sqrt(n)), for one
-    extra forward pass (less the last group's, whose graph is kept), as with one checkpoint
-    per chunk. Off, backward is faster and holds
-    every chunk's activations (fine for the short sequences of the small language models).
+    When gradients are recorded, the chunks run in groups (`ChunkGroup`), whose backward is
+    written out. With `checkpoint_chunks` on, the groups hold about sqrt(n) of the n chunks
+    and all but the last are checkpointed: forward keeps only each group's start weights and
+    momentum, and backward recomputes one group at a time, so what is held for backward grows
+    like sqrt(T) (n / g group starts plus the g chunks of the group being recomputed, least at
+    g = sqrt(n)), for one extra forward pass (less the last group's). Off, one group keeps
+    every chunk's start state and activations: faster, and fine for short sequences.
     """
     batch, steps, _ = k.shape
     size = chunk_size
@@ -231,78 +288,99 @@ def chunked_memory(
     q, k, v = (rearrange(t, "b (n c) d -> b n c d", c=size) for t in tokens)
     gates = [rearrange(F.pad(g, (0, pad)), "b (n c) -> b n c", c=size) for g in (theta, eta, alpha)]
     coefs = chunk_coefficients(*gates)  # name -> (B, n, ...)
-    checkpointed = checkpoint_chunks and torch.is_grad_enabled()
-    group = math.isqrt(n_chunks - 1) + 1 if checkpointed else n_chunks  # ceil(sqrt(n)) chunks a group
+    recorded = torch.is_grad_enabled()
+    group = math.isqrt(n_chunks - 1) + 1 if recorded and checkpoint_chunks else n_chunks  # ceil(sqrt(n)) chunks a group
     # split, not sliced: the backward of a slice writes its gradient into zeros the size of
     # the whole input (a fill of every chunk's q, k, v per chunk); a split's concatenates once
     groups = zip(*(t.split(group, dim=1) for t in (q, k, v, *coefs.values())))
     ys = []
     for start, parts in zip(range(0, n_chunks, group), groups):
-        end = min(start + group, n_chunks)
+        end, depth = min(start + group, n_chunks), len(weights)
         # a last, incomplete chunk's tokens wait in the state: read, not written
-        layout = (len(weights), tuple(coefs), not (end == n_chunks and pad))
-        # the last group is not checkpointed: backward would recompute it first thing, so its
-        # graph recorded now costs no more memory and saves a recomputation
-        run = RecomputedGroup.apply if checkpointed and end < n_chunks else chunk_group
-        outputs, count, depth = run(layout, *weights, *momentum, *parts), end - start, len(weights)
-        ys += outputs[:count]  # one y per chunk, then the L weights and L momenta
-        weights, momentum = outputs[count : count + depth], outputs[count + depth :]
+        layout = (depth, tuple(coefs), not (end == n_chunks and pad))
+        if recorded:  # the last group keeps its tape: backward would recompute it first thing
+            outputs = ChunkGroup.apply(layout, end == n_chunks, *weights, *momentum, *parts)
+        else:
+            outputs = chunk_group(layout, *weights, *momentum, *parts)
+        ys += outputs[: end - start]  # one y per chunk, then the L weights and L momenta
+        weights, momentum = outputs[end - start : end - start + depth], outputs[end - start + depth :]
     y = torch.cat(ys, dim=1)
     return (y[:, :steps] if pad else y), weights, momentum
 
 
-
-def chunk_group(layout: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:
+def chunk_group(layout: tuple, *tensors: Tensor, tapes: list | None = None) -> tuple[Tensor, ...]:
     """`chunk_step` over consecutive chunks, the state passed on: one unit of checkpointing.
 
     layout: (memory depth L, the coefficients' names, whether the last chunk is written);
     tensors: L weights, L momenta, then q, k, v (B, g, b, d) and the coefficients (B, g, ...)
     of the g chunks. Returns each chunk's y (B, b, d), then the L new weights and L new momenta
-    (the chunks' outputs are concatenated once, for the whole sequence).
+    (the chunks' outputs are concatenated once, for the whole sequence). The chunks write in
+    place, on a copy of the state passed in; with `tapes` (a list, filled with one tape per
+    chunk for `chunk_backward`), every chunk's start state is kept instead, each in its own
+    tensors.
     """
     depth, names, write_last = layout
     weights, momentum = tensors[:depth], tensors[depth : 2 * depth]
     q, k, v, *values = tensors[2 * depth :]
-    if not torch.is_grad_enabled() and (write_last or q.shape[1] > 1):
-        # the chunks then write in place: on a copy, not the caller's state
+    count = q.shape[1]
+    if tapes is None and (write_last or count > 1):  # in place, but never into the caller's tensors
         weights, momentum = tuple(w.clone() for w in weights), tuple(s.clone() for s in momentum)
-    ys, count = [], q.shape[1]
-    # per chunk: scalars shaped (B, 1, 1), token coefficients (B, b, 1), read_u (B, b, b)
-    values = [value if name == "read_u" else value.reshape(*value.shape[:2], -1, 1) for name, value in zip(names, values)]
-    for i, (q_i, k_i, v_i, *coef) in enumerate(zip(*(t.unbind(1) for t in (q, k, v, *values)))):
-        write = write_last or i < count - 1
-        y, weights, momentum = chunk_step(weights, momentum, q_i, k_i, v_i, dict(zip(names, coef)), write)
-        ys.append(y)
+    ys = []
+    for i, (q_i, k_i, v_i, *coef) in enumerate(zip(*(t.unbind(1) for t in (q, k, v, *per_chunk(names, values))))):
+        write, tape, out = write_last or i < count - 1, None, None
+        if tapes is not None:
+            tapes.append(tape := {})
+            out = tuple(torch.empty_like(w) for w in weights), tuple(torch.empty_like(s) for s in momentum)
+        ys.append(chunk_step(weights, momentum, q_i, k_i, v_i, dict(zip(names, coef)), write, out, tape))
+        if out is not None and write:
+            weights, momentum = out
     return *ys, *weights, *momentum
 
 
-class RecomputedGroup(torch.autograd.Function):
-    """Checkpointing of one `chunk_group`: its forward records no graph and keeps only its
-    inputs (the group's start weights and momentum, and views of q, k, v and the gates'
-    coefficients); backward runs it again with a graph and differentiates that.
+def per_chunk(names: tuple[str, ...], values: list[Tensor]) -> list[Tensor]:
+    """The coefficients (B, g, ...) shaped to broadcast in a chunk: scalars (B, g, 1, 1),
+    token coefficients (B, g, b, 1), read_u (B, g, b, b) as it is."""
+    return [value if name == "read_u" else value.reshape(*value.shape[:2], -1, 1) for name, value in zip(names, values)]
 
-    Why not `torch.utils.checkpoint`: its non-reentrant form records the whole graph in
-    forward and drops only the saved tensors. The graph's many small allocations then sit
-    between the freed weight-sized tensors in glibc's heap, which can no longer serve the
+
+class ChunkGroup(torch.autograd.Function):
+    """`chunk_group` with its backward written out (`chunk_backward`, chunk by chunk, last first).
+
+    keep: the forward keeps every chunk's tape (start state and activations); otherwise it
+    keeps only its inputs (the group's start weights and momentum, and views of q, k, v and
+    the coefficients) and backward runs the group again to make the tapes: checkpointing.
+
+    Why not `torch.utils.checkpoint` around autograd: its non-reentrant form records the whole
+    graph in forward and drops only the saved tensors. The graph's many small allocations then
+    sit between the freed weight-sized tensors in glibc's heap, which can no longer serve the
     next weight-sized tensor from them: at T 4096 the heap grew by the new state at every
-    chunk (1.3 GB of heap for 0.37 GB of live tensors after the forward, glibc 2.36).
-    Without a graph in forward it stays flat. The reentrant form does this too, but it
-    needs every input as a positional tensor and does not support `torch.autograd.grad`.
+    chunk (1.3 GB of heap for 0.37 GB of live tensors after the forward, glibc 2.36). Without
+    a graph it stays flat, and the hand-written backward makes no weight-sized temporaries.
     """
 
     @staticmethod
-    def forward(ctx, layout: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.layout = layout
+    def forward(ctx, layout: tuple, keep: bool, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.layout, ctx.tapes = layout, [] if keep else None
         ctx.save_for_backward(*tensors)
-        return chunk_group(layout, *tensors)  # autograd is off inside a Function's forward
+        return chunk_group(layout, *tensors, tapes=ctx.tapes)
 
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        needs = ctx.needs_input_grad[1:]
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
-        with torch.enable_grad():
-            outputs = chunk_group(ctx.layout, *inputs)
-        pairs = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad]
-        wanted = [t for t in inputs if t.requires_grad]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        return None, *(next(got) if need else None for need in needs)
+        (depth, names, write_last), tensors = ctx.layout, ctx.saved_tensors
+        tapes = ctx.tapes
+        if tapes is None:
+            chunk_group(ctx.layout, *tensors, tapes=(tapes := []))
+        count = len(tapes)
+        g_weights = [g.clone() for g in grads[count : count + depth]]  # updated in place, chunk by chunk
+        g_momentum = [g.clone() for g in grads[count + depth :]]
+        values = per_chunk(names, tensors[2 * depth + 3 :])
+        g_tokens = [torch.empty_like(t) for t in tensors[2 * depth : 2 * depth + 3]]  # q, k, v
+        g_values = [torch.empty_like(value) for value in values]
+        for i in reversed(range(count)):
+            coef = {name: value[:, i] for name, value in zip(names, values)}
+            *tokens, g_coef = chunk_backward(tapes[i], coef, write_last or i < count - 1, grads[i], g_weights, g_momentum)
+            for out, got in zip(g_tokens + g_values, tokens + [g_coef[name] for name in names]):
+                out[:, i] = got
+        ctx.tapes = None
+        g_values = [g.reshape(t.shape) for g, t in zip(g_values, tensors[2 * depth + 3 :])]
+        return None, None, *g_weights, *g_momentum, *g_tokens, *g_values

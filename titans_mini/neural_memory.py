@@ -179,9 +179,7 @@ class NeuralMemory(nn.Module):
         if self.conv is not None:
             if conv is None:
                 conv = qkv.new_zeros(x.shape[0], self.conv_kernel - 1, 3 * self.dim)
-            steps, padded = qkv.shape[1], torch.cat([conv, qkv], dim=1)
-            conv = padded[:, steps:]
-            qkv = causal_depthwise_conv(padded, self.conv)  # out_t = sum_i w_i * in_{t - K + 1 + i}
+            qkv, conv = causal_depthwise_conv(conv, qkv, self.conv)  # out_t = sum_i w_i * in_{t - K + 1 + i}
         if self.qkv_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.chunk(3, dim=-1)
