@@ -11,7 +11,7 @@ allocation-heavy code exceeds its live tensors. It is worst where many small all
 (an autograd graph's nodes) land between freed weight-sized tensors: glibc carves them out
 of the freed blocks, which then no longer fit the next weight-sized tensor (torch asks for
 64-byte-aligned blocks, a little more than the tensor), so the heap grows and every new page
-is a page fault, system time (`chunked.RecomputedGroup` says how our chunked path avoids
+is a page fault, system time (`chunked.ChunkGroup` says how our chunked path avoids
 it). `--malloc-mmap-threshold 131072` runs every measurement subprocess (all
 implementations, both passes) with MALLOC_MMAP_THRESHOLD_=131072: large blocks then go
 straight back to the system, peaks drop, but every large allocation pays fresh page faults

@@ -29,7 +29,6 @@ Two facts make the chunk cheap.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
