@@ -476,6 +476,8 @@ def plot_memory(results: list[Result], path: Path) -> None:
            title="forward + backward, dim 256, batch 4, chunk 64")
     ax.set_xticks(SWEEP_STEPS, [f"{t // 1024}k" for t in SWEEP_STEPS])
     low, high = ax.get_ylim()
+    low = min(low, 0.5)  # a labelled tick below the lowest point
+    ax.set_ylim(low, high)
     ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64) if low <= t <= high]
     ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
