@@ -53,8 +53,9 @@ class NeuralMemory(nn.Module):
             reference) instead of in parallel (`chunked.chunked_memory`): the same rule and
             the same outputs, much slower; for checking and teaching. An attribute you may
             switch on an existing memory.
-        checkpoint_chunks: recompute each chunk in backward (parallel path), so training
-            memory grows with the chunk size, not the sequence length; off is faster.
+        checkpoint_chunks: recompute groups of about sqrt(n) of the n chunks in backward
+            (parallel path), so the memory state kept for training grows like sqrt(T), not
+            T; off is faster and keeps every chunk's.
 
     Gates (paper: "functions of x_t", no formula given): we use one linear map of x_t to
     three logits, theta_t = theta_max * sigmoid(.), eta_t = eta_max * sigmoid(.),
