@@ -2,9 +2,10 @@
 
 One line per configuration: tokens/s of the forward pass (no grad) and of forward +
 backward (loss = mean(y^2), gradients for every outer-loop parameter), and the peak
-memory of each. Every measurement runs in a fresh subprocess, so runs do not
-contaminate each other. Peak memory on CPU: the subprocess's ru_maxrss (the Python
-interpreter and the imports included); on CUDA: torch.cuda.max_memory_allocated.
+memory of each (in MiB, 2^20 bytes). Every measurement runs in a fresh subprocess, so runs do
+not contaminate each other. Peak memory on CPU: the subprocess's ru_maxrss (the Python
+interpreter, the imports and the peak sgemm's 48 MiB included); on CUDA:
+torch.cuda.max_memory_allocated.
 
 glibc and peak RSS: freed blocks stay in a fragmented heap, so the RSS peak of
 allocation-heavy code exceeds its live tensors. It is worst where many small allocations
@@ -30,7 +31,7 @@ Timing: a warm-up call on 2 chunks, then full-size calls (a first full-size call
 5 s counts as a warm-up too); the median of up to --repeats calls within --max-seconds.
 Each line also gives the spread of the calls (fastest-slowest) and their system CPU time
 over their user CPU time, and says whether the outputs (and gradients) were finite. Before each
-timed call one 2048^2 sgemm measures the matmul peak of that moment (these machines' speed
+timed call one sgemm (2048^2 on CPU, 8192^2 on CUDA) measures the matmul peak of that moment (these machines' speed
 drifts with their neighbours'); a share of the peak is taken of the higher of the run's start
 peak and the median of those.
 
@@ -186,11 +187,11 @@ def measure(config: Config, which: str, *, repeats: int = 3, budget_s: float = 9
     device = device or torch.device("cpu")
     torch.manual_seed(0)
     model, kwargs = build(config, device)
+    sgemm = sgemm_rate(device)  # before the start's figure, which then holds its operands too
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start_mb = _peak_mb(device)
     finite = True
-    sgemm = sgemm_rate(device)
 
     def run(steps: int) -> dict[str, float]:
         nonlocal finite
@@ -259,8 +260,10 @@ def measure_in_subprocess(
 
 
 def sgemm_rate(device: torch.device):
-    """A function timing one n x n float32 matmul, returning its GFLOP/s (operands and output
-    allocated once, so that timing it inside a measurement leaves the heap as it was)."""
+    """A function timing one n x n float32 matmul, returning its GFLOP/s. Its operands and
+    output are allocated once (3 n^2 floats: 48 MiB on CPU, 768 MiB on CUDA, held by every
+    measurement and counted in its peak and in its start), so calling it between timed calls
+    allocates nothing."""
     n = MATMUL_N.get(device.type, MATMUL_N["cpu"])
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     out = torch.empty_like(a)
@@ -472,7 +475,7 @@ def plot_memory(results: list[Result], path: Path) -> None:
         mine = [r for r in results if r.config.impl == impl]
         label = f"{impl} (above its start ~ T^{growth_exponent(mine):.2f})" if len(mine) > 1 else impl
         ax.plot([r.config.steps for r in mine], [r.peak_mb["fwdbwd"] / 1024 for r in mine], "o-", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="sequence length T (tokens)", ylabel="peak memory (GB, log scale)",
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T (tokens)", ylabel="peak memory (GiB, log scale)",
            title="forward + backward, dim 256, batch 4, chunk 64")
     ax.set_xticks(SWEEP_STEPS, [f"{t // 1024}k" for t in SWEEP_STEPS])
     low, high = ax.get_ylim()
@@ -588,7 +591,7 @@ def benchmark(args: argparse.Namespace) -> int:
             used = share_peak(peak, r.calls[which])
             print(f"# chunked dim {d} B{b} T{t} C{c} {name}: {rate:.0f} GFLOP/s = {100 * rate / used:.0f}% of the matmul peak "
                   f"({factor} x {flops / (b * t) / 1e6:.2f} MFLOP/token, analytic matmul count; peak {used:.0f} GFLOP/s, the higher of "
-                  f"the run's start and the median just before each call, {min(between):.0f}-{max(between):.0f})")
+                  f"the run's start and the median of the sgemms just before each call, {min(between):.0f}-{max(between):.0f})")
     line, notes = summary(results, d, b, t, c, peak_gflops=peak, load=args.load)
     for note in notes:
         print(f"# {note}")

@@ -228,7 +228,7 @@ def test_a_tiny_quick_run_ends_with_the_summary_line(bench, monkeypatch, capsys)
     assert 10 < float(measured[0]["peak_fwdbwd"]) < 4000  # a fresh process's RSS: torch imported, nothing more
     text = "\n".join(lines)
     assert "ESTIMATED" in text and "MALLOC_MMAP_THRESHOLD_=131072" in text and "% of the matmul peak" in text
-    assert "the median just before each call" in text
+    assert "the median of the sgemms just before each call" in text
     assert "fwdbwd: 3 calls" in lines[next(i for i, line in enumerate(lines) if line.startswith("impl=chunked"))]
     assert match["share"] != "na" and match["system"] != "na" and match["load"] == "off"
 
