@@ -30,10 +30,10 @@ it.
 Timing: a warm-up call on 2 chunks, then full-size calls (a first full-size call under
 5 s counts as a warm-up too); the median of up to --repeats calls within --max-seconds.
 Each line also gives the spread of the calls (fastest-slowest) and their system CPU time
-over their user CPU time, and says whether the outputs (and gradients) were finite. Before each
-timed call one sgemm (2048^2 on CPU, 8192^2 on CUDA) measures the matmul peak of that moment (these machines' speed
-drifts with their neighbours'); a share of the peak is taken of the higher of the run's start
-peak and the median of those.
+over their user CPU time, and flags outputs (and gradients) that were not finite. Before each
+timed call one sgemm (2048^2 on CPU, 8192^2 on CUDA) measures the matmul peak of that moment
+(these machines' speed drifts with their neighbours'); a share of the peak is taken of the
+higher of the run's start peak and the median of those.
 
 Implementations, all a depth-2 memory MLP dim -> 4 dim -> dim, with the same dim and chunk:
     chunked                   ours, NeuralMemory(dim, depth=2, chunk_size=C, expansion=4)
@@ -65,9 +65,9 @@ our peak memory / theirs); fwdbwd_peak_share: our forward + backward's matmul ra
 analytic forward count) over the matmul peak of the same run (`share_peak`); fwdbwd_system_over_user: the
 system CPU time of those calls over their user CPU time; load: whether --load was on.
 
-    python benchmarks/bench_memory.py --quick            # the summary only, ~2 min on 2 CPU cores
+    python benchmarks/bench_memory.py --quick            # the summary only, ~1.5 min on 2 CPU cores
     python benchmarks/bench_memory.py --quick --load     # the same beside a CPU-bound process
-    python benchmarks/bench_memory.py --memory-vs-T benchmarks/memory_vs_T.png   # ~10 min
+    python benchmarks/bench_memory.py --memory-vs-T benchmarks/memory_vs_T.png   # ~3.5 min
     python -m benchmarks.bench_memory --json out.json    # the whole sweep (an hour or more on CPU)
 """
 
@@ -495,7 +495,7 @@ def _load() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only what the summary line needs (~2 min on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="only what the summary line needs (~1.5 min on 2 CPU cores)")
     parser.add_argument("--json", type=Path, help="also write every result to this JSON file")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement at most (default 3)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())

@@ -329,9 +329,10 @@ def chunk_group(layout: tuple, *tensors: Tensor, tapes: list | None = None) -> t
         write, tape, out = write_last or i < count - 1, None, None
         if tapes is not None:
             tapes.append(tape := {})
+        if tapes is not None and write:  # a fresh state: the tape keeps this chunk's start
             out = tuple(torch.empty_like(w) for w in weights), tuple(torch.empty_like(s) for s in momentum)
         ys.append(chunk_step(weights, momentum, q_i, k_i, v_i, dict(zip(names, coef)), write, out, tape))
-        if out is not None and write:
+        if out is not None:
             weights, momentum = out
     return *ys, *weights, *momentum
 
